@@ -1,0 +1,267 @@
+import type { AddressInfo } from 'node:net'
+import type { IncomingMessage } from 'node:http'
+import type { Duplex } from 'node:stream'
+import { Aedes, type Client, type ConnectPacket } from 'aedes'
+import type { Config, ListenerName } from '../config/schema.js'
+import { createLogger, type Logger } from '../observability/logger.js'
+import { Metrics } from '../observability/metrics.js'
+import { SysPublisher } from '../observability/sys.js'
+import { prepareDataDir } from '../store/data-dir.js'
+import { listenHttp } from '../transport/http.js'
+import type { Listener } from '../transport/listener.js'
+import { meterConnection, PacketTooLargeError, MalformedFramingError } from '../transport/packet-meter.js'
+import { listenTcp } from '../transport/tcp.js'
+import { loadTlsMaterial } from '../transport/tls-material.js'
+import { listenWs } from '../transport/ws.js'
+import { VERSION } from '../version.js'
+import { clientIdProblem, topicFilterProblem, topicNameProblem } from './validate.js'
+
+/** A running FerryMQ: listeners, the aedes core and its observability, with one owner for all. */
+export interface Broker {
+  readonly config: Config
+  readonly metrics: Metrics
+  readonly logger: Logger
+  /** True once every listener is up, until close() starts. */
+  readonly ready: boolean
+  /** Where a listener is bound (its real port when configured with 0 → see `ephemeral`), or undefined when off. */
+  address (name: ListenerName): AddressInfo | undefined
+  start (): Promise<void>
+  /** Stops accepting, closes every client, listener and timer. Safe to call more than once. */
+  close (): Promise<void>
+}
+
+export interface BrokerOptions {
+  logger?: Logger
+  /**
+   * Bind listeners whose configured port is 0 to an ephemeral port instead of leaving them off
+   * (tests). Without it, port 0 disables a listener, as the CLI documents.
+   */
+  ephemeral?: readonly ListenerName[]
+}
+
+/** What CONNECT carried, kept from preConnect for the checks in authenticate (which can send a CONNACK code). */
+interface ConnectInfo { clientId: string, clean: boolean, version: number }
+
+const IDENTIFIER_REJECTED = 2
+
+export function createBroker (config: Config, options: BrokerOptions = {}): Broker {
+  return new FerryBroker(config, options)
+}
+
+class FerryBroker implements Broker {
+  readonly metrics: Metrics
+  readonly logger: Logger
+  private readonly aedes: Aedes
+  private readonly listeners = new Map<ListenerName, Listener>()
+  private readonly connections = new Set<Duplex>()
+  private readonly connectInfo = new WeakMap<Client, ConnectInfo>()
+  private readonly sys: SysPublisher
+  private started = false
+  private closing: Promise<void> | null = null
+  private atConnectionLimit = false
+  ready = false
+
+  constructor (readonly config: Config, private readonly options: BrokerOptions) {
+    this.logger = options.logger ?? createLogger(config.log.level)
+    const limits = config.limits
+    this.aedes = new Aedes({
+      heartbeatInterval: config.sys.heartbeatSeconds * 1000,
+      connectTimeout: limits.connectTimeoutMs,
+      drainTimeout: limits.drainTimeoutMs,
+      maxTopicLevels: limits.maxTopicLevels,
+      maxInflightInbound: limits.maxInflightInbound,
+      maxClientsIdLength: 23, // MQTT 3.1's own limit; 3.1.1 is checked in authenticate
+      preConnect: (client, packet, done) => this.preConnect(client, packet, done),
+      authenticate: (client, _username, _password, done) => this.authenticate(client, done),
+      authorizePublish: (client, packet, done) => this.authorizePublish(client, packet.topic, done),
+      authorizeSubscribe: (client, sub, done) => this.authorizeSubscribe(client, sub, done),
+    })
+    this.metrics = new Metrics({
+      clientsConnected: () => this.aedes.connectedClients ?? 0,
+      subscriptions: () => this.countSubscriptions(),
+      retainedMessages: () => this.countRetained(),
+    })
+    this.sys = new SysPublisher(this.metrics, (topic, payload) => {
+      if (!this.aedes.closed) this.aedes.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain: false, dup: false }, () => {})
+    }, VERSION)
+    this.watchClients()
+  }
+
+  address (name: ListenerName): AddressInfo | undefined {
+    return this.listeners.get(name)?.address()
+  }
+
+  async start (): Promise<void> {
+    if (this.started) throw new Error('broker already started')
+    this.started = true
+    const { config, logger } = this
+    const dataDir = prepareDataDir(config.storage)
+    if (dataDir !== null) {
+      logger.warn({ dataDir, durability: config.storage.durability },
+        'LevelDB persistence is not built yet: sessions, retained and queued messages are kept in memory and lost on restart')
+    }
+    const tls = config.tls === undefined ? undefined : loadTlsMaterial(config.tls)
+    await this.aedes.listen()
+    try {
+      await this.openListeners(tls)
+    } catch (err) {
+      await this.close()
+      throw err
+    }
+    this.sys.start(config.sys.intervalSeconds)
+    this.ready = true
+    logger.info({
+      version: VERSION,
+      listeners: Object.fromEntries([...this.listeners].map(([name, l]) => [name, `${l.address().address}:${l.address().port}`])),
+    }, 'FerryMQ is ready')
+  }
+
+  close (): Promise<void> {
+    this.closing ??= this.shutdown()
+    return this.closing
+  }
+
+  private async shutdown (): Promise<void> {
+    this.ready = false
+    this.sys.stop()
+    // Stop accepting first, then close the clients aedes knows, then any socket that never sent CONNECT.
+    const listenersClosed = Promise.all([...this.listeners.values()].map((l) => l.close()))
+    await new Promise<void>((resolve) => this.aedes.close(() => resolve()))
+    for (const conn of this.connections) conn.destroy()
+    await listenersClosed
+    this.listeners.clear()
+    this.logger.info('FerryMQ stopped')
+  }
+
+  private async openListeners (tls: ReturnType<typeof loadTlsMaterial> | undefined): Promise<void> {
+    const { listeners: l, limits } = this.config
+    const accept = (conn: Duplex, name: string, req?: IncomingMessage): void => this.accept(conn, name, req)
+    const on = (name: ListenerName, port: number): boolean => port !== 0 || (this.options.ephemeral?.includes(name) ?? false)
+    const add = (listener: Listener): void => { this.listeners.set(listener.name as ListenerName, listener) }
+
+    if (on('mqtt', l.mqtt.port)) add(await listenTcp('mqtt', l.mqtt.host, l.mqtt.port, accept, this.logger))
+    if (on('ws', l.ws.port)) add(await listenWs('ws', { ...l.ws, maxPayload: limits.maxPacketSize }, accept, this.logger))
+    if (tls !== undefined && on('mqtts', l.mqtts.port)) add(await listenTcp('mqtts', l.mqtts.host, l.mqtts.port, accept, this.logger, tls))
+    if (tls !== undefined && on('wss', l.wss.port)) add(await listenWs('wss', { ...l.wss, maxPayload: limits.maxPacketSize, tls }, accept, this.logger))
+    if (on('http', l.http.port)) {
+      add(await listenHttp('http', l.http.host, l.http.port, {
+        live: () => this.closing === null,
+        ready: () => this.ready,
+        registry: this.metrics.registry,
+      }, this.logger))
+    }
+  }
+
+  /** Every transport hands its connections here: the connection limit, metering, then aedes. */
+  private accept (conn: Duplex, listener: string, req?: IncomingMessage): void {
+    const { metrics, logger } = this
+    if (this.closing !== null) {
+      conn.destroy()
+      return
+    }
+    const max = this.config.limits.maxConnections
+    if (this.connections.size >= max) {
+      metrics.connectionsRefused.inc()
+      if (!this.atConnectionLimit) logger.warn({ maxConnections: max }, 'connection limit reached (limits.maxConnections): refusing new connections')
+      this.atConnectionLimit = true
+      conn.on('error', () => {})
+      conn.destroy()
+      return
+    }
+    if (this.atConnectionLimit) logger.info({ maxConnections: max }, 'below the connection limit again: accepting connections')
+    this.atConnectionLimit = false
+    this.connections.add(conn)
+    conn.once('close', () => this.connections.delete(conn))
+    metrics.connectionsTotal.inc({ listener })
+    meterConnection(conn, this.config.limits.maxPacketSize, {
+      publishIn: (qos, size) => { metrics.messagesReceived.inc({ qos }); metrics.bytesReceived.inc({ qos }, size) },
+      publishOut: (qos, size) => { metrics.messagesSent.inc({ qos }); metrics.bytesSent.inc({ qos }, size) },
+      bytesIn: (n) => metrics.networkBytesReceived.inc(n),
+      bytesOut: (n) => metrics.networkBytesSent.inc(n),
+    })
+    this.aedes.handle(conn, req)
+  }
+
+  private preConnect (client: Client, packet: ConnectPacket, done: (err: Error | null, ok: boolean) => void): void {
+    if (packet.will !== undefined && packet.will !== null) {
+      const problem = topicNameProblem(packet.will.topic, this.config.limits)
+      if (problem !== null) {
+        this.metrics.protocolErrors.inc({ reason: 'invalid_will_topic' })
+        done(new Error(`will ${problem}`), false)
+        return
+      }
+    }
+    this.connectInfo.set(client, { clientId: packet.clientId, clean: packet.clean ?? true, version: packet.protocolVersion ?? 4 })
+    done(null, true)
+  }
+
+  private authenticate (client: Client, done: (err: (Error & { returnCode: number }) | null, ok: boolean | null) => void): void {
+    const info = this.connectInfo.get(client)
+    if (info !== undefined) {
+      const problem = info.version === 3
+        ? (info.clientId.length === 0 ? 'MQTT 3.1 needs a client identifier of 1 to 23 characters' : null)
+        : clientIdProblem(info.clientId, info.clean, this.config.limits.maxClientIdLength)
+      if (problem !== null) {
+        this.metrics.protocolErrors.inc({ reason: 'identifier_rejected' })
+        this.logger.info({ clientId: info.clientId.slice(0, 64), reason: problem }, 'CONNECT refused: identifier rejected')
+        done(Object.assign(new Error(problem), { returnCode: IDENTIFIER_REJECTED }), false)
+        return
+      }
+    }
+    done(null, true)
+  }
+
+  private authorizePublish (client: Client | null, topic: string, done: (err?: Error | null) => void): void {
+    if (client === null) return done(null) // the broker's own messages ($SYS, wills)
+    const problem = topicNameProblem(topic, this.config.limits) ??
+      (topic.startsWith('$SYS/') || topic === '$SYS' ? 'topic $SYS is reserved for the broker' : null)
+    if (problem !== null) {
+      this.metrics.messagesDropped.inc({ reason: 'invalid_topic' })
+      return done(new Error(`PUBLISH refused: ${problem}`))
+    }
+    done(null)
+  }
+
+  private authorizeSubscribe<S extends { topic: string }> (_client: Client, sub: S, done: (err: Error | null, sub?: S | null) => void): void {
+    const problem = topicFilterProblem(sub.topic, this.config.limits)
+    if (problem !== null) return done(new Error(`SUBSCRIBE refused: ${problem}`))
+    done(null, sub)
+  }
+
+  private watchClients (): void {
+    const { aedes, logger, metrics } = this
+    aedes.on('clientReady', (client) => logger.debug({ clientId: client.id }, 'client connected'))
+    aedes.on('clientDisconnect', (client) => logger.debug({ clientId: client.id }, 'client disconnected'))
+    aedes.on('keepaliveTimeout', (client) => logger.info({ clientId: client.id }, 'keepalive timeout: client closed'))
+    const onError = (client: Client | null, err: Error): void => {
+      const reason = err instanceof PacketTooLargeError
+        ? 'packet_too_large'
+        : err instanceof MalformedFramingError ? 'malformed_packet' : null
+      if (reason !== null) metrics.protocolErrors.inc({ reason })
+      if (err.message === 'drain timeout') metrics.protocolErrors.inc({ reason: 'drain_timeout' })
+      // A peer that goes away without DISCONNECT is routine on a network of devices: debug, not info.
+      const routine = reason === null && /^(connection closed|read ECONNRESET|write EPIPE|This socket has been ended)/.test(err.message)
+      logger[routine ? 'debug' : 'info']({ clientId: client?.id ?? null, err: err.message }, 'client connection closed on error')
+    }
+    aedes.on('clientError', onError)
+    aedes.on('connectionError', onError)
+    // aedes emits 'error' from its will sweep; an EventEmitter without a listener would throw it.
+    ;(aedes as unknown as NodeJS.EventEmitter).on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))
+  }
+
+  private countSubscriptions (): number {
+    let n = 0
+    // aedes keeps each connected client's subscriptions on the client (not in its typings).
+    const clients = (this.aedes as unknown as { clients: Record<string, { subscriptions: object }> }).clients
+    for (const id in clients) n += Object.keys((clients[id] as { subscriptions: object }).subscriptions).length
+    return n
+  }
+
+  private async countRetained (): Promise<number> {
+    const persistence = (this.aedes as unknown as { persistence?: { createRetainedStreamCombi (patterns: string[]): AsyncIterable<{ topic: string }> } }).persistence
+    if (persistence === undefined) return 0
+    let n = 0
+    for await (const packet of persistence.createRetainedStreamCombi(['#'])) if (!packet.topic.startsWith('$')) n++
+    return n
+  }
+}

@@ -1,0 +1,49 @@
+import type { Server as NetServer, AddressInfo } from 'node:net'
+import type { IncomingMessage } from 'node:http'
+import type { Duplex } from 'node:stream'
+
+/** Receives every accepted MQTT connection, whatever its transport. */
+export type AcceptConnection = (conn: Duplex, listener: string, req?: IncomingMessage) => void
+
+/** A bound network listener and the means to stop it. */
+export interface Listener {
+  readonly name: string
+  address (): AddressInfo
+  /** Stops accepting; resolves when the server has let go of its port and every connection is gone. */
+  close (): Promise<void>
+}
+
+/** A listener could not be started (port in use, no permission): a runtime failure, exit code 1. */
+export class ListenError extends Error {
+  readonly code = 'FERRYMQ_LISTEN_FAILED'
+  constructor (name: string, host: string, port: number, cause: NodeJS.ErrnoException) {
+    const why = cause.code === 'EADDRINUSE'
+      ? 'the address is in use by another process'
+      : cause.code === 'EACCES' ? 'permission denied (ports below 1024 need privileges)' : cause.message
+    super(`listeners.${name}: cannot listen on ${host}:${port}: ${why}`)
+    this.name = 'ListenError'
+  }
+}
+
+export function listen (server: NetServer, name: string, host: string, port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException): void => reject(new ListenError(name, host, port, err))
+    server.once('error', onError)
+    server.listen({ port, host }, () => {
+      server.off('error', onError)
+      resolve()
+    })
+  })
+}
+
+/** Closes a server; pair with destroying its connections so the promise settles promptly. */
+export function closeServer (server: NetServer): Promise<void> {
+  return new Promise((resolve) => {
+    if (!server.listening) return resolve()
+    server.close(() => resolve())
+  })
+}
+
+export function boundAddress (server: NetServer): AddressInfo {
+  return server.address() as AddressInfo
+}

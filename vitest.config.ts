@@ -1,0 +1,13 @@
+import { defineConfig } from 'vitest/config'
+
+export default defineConfig({
+  test: {
+    include: ['test/**/*.test.ts'],
+    pool: 'forks',
+    testTimeout: 30_000,
+    hookTimeout: 30_000,
+    // Network tests bind ephemeral ports on loopback; two workers keep the 2-core machine busy
+    // without starving the brokers the tests spawn.
+    maxWorkers: 2,
+  },
+})
