@@ -1,7 +1,7 @@
 import type { AddressInfo } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
-import { Aedes, type Client, type ConnectPacket } from 'aedes'
+import { Aedes, type AedesPublishPacket, type Client, type ConnectPacket } from 'aedes'
 import type { Config, ListenerName } from '../config/schema.js'
 import { createLogger, type Logger } from '../observability/logger.js'
 import { Metrics } from '../observability/metrics.js'
@@ -14,7 +14,7 @@ import { listenTcp } from '../transport/tcp.js'
 import { loadTlsMaterial } from '../transport/tls-material.js'
 import { listenWs } from '../transport/ws.js'
 import { VERSION } from '../version.js'
-import { clientIdProblem, topicFilterProblem, topicNameProblem } from './validate.js'
+import { clientIdProblem, topicFilterProblem, topicMatches, topicNameProblem } from './validate.js'
 
 /** A running FerryMQ: listeners, the aedes core and its observability, with one owner for all. */
 export interface Broker {
@@ -75,6 +75,7 @@ class FerryBroker implements Broker {
       authenticate: (client, _username, _password, done) => this.authenticate(client, done),
       authorizePublish: (client, packet, done) => this.authorizePublish(client, packet.topic, done),
       authorizeSubscribe: (client, sub, done) => this.authorizeSubscribe(client, sub, done),
+      authorizeForward: (client, packet) => this.authorizeForward(client, packet),
     })
     this.metrics = new Metrics({
       clientsConnected: () => this.aedes.connectedClients ?? 0,
@@ -226,6 +227,21 @@ class FerryBroker implements Broker {
     const problem = topicFilterProblem(sub.topic, this.config.limits)
     if (problem !== null) return done(new Error(`SUBSCRIBE refused: ${problem}`))
     done(null, sub)
+  }
+
+  /**
+   * Delivers at most at the QoS the matching subscription granted [MQTT-3.8.4-6]. aedes downgrades
+   * only when the filter equals the topic, so a QoS 2 message reached a QoS 1 `a/#` subscriber as
+   * QoS 2. With overlapping subscriptions the highest granted QoS wins [MQTT-3.3.5-1].
+   */
+  private authorizeForward (client: Client, packet: AedesPublishPacket): AedesPublishPacket {
+    if (packet.qos === 0) return packet
+    const subs = (client as unknown as { subscriptions: Record<string, { qos: number }> }).subscriptions
+    let granted = -1
+    for (const filter in subs) {
+      if (topicMatches(filter, packet.topic)) granted = Math.max(granted, (subs[filter] as { qos: number }).qos)
+    }
+    return granted < 0 || granted >= packet.qos ? packet : { ...packet, qos: granted as 0 | 1 }
   }
 
   private watchClients (): void {

@@ -62,3 +62,20 @@ export function clientIdProblem (clientId: string, clean: boolean, maxLength: nu
   if (clientId.length > maxLength) return `client identifier is ${clientId.length} characters long, over limits.maxClientIdLength (${maxLength})`
   return null
 }
+
+/**
+ * Whether `topic` matches `filter` [MQTT-4.7]: `+` one level, `#` this level and all below (also
+ * the parent: `a/#` matches `a`), and wildcards at the first level never match `$` topics.
+ */
+export function topicMatches (filter: string, topic: string): boolean {
+  if (topic.charCodeAt(0) === 36 && (filter.charCodeAt(0) === 43 || filter.charCodeAt(0) === 35)) return false
+  const f = filter.split('/')
+  const t = topic.split('/')
+  for (let i = 0; i < f.length; i++) {
+    const level = f[i]
+    if (level === '#') return true
+    if (i >= t.length) return false
+    if (level !== '+' && level !== t[i]) return false
+  }
+  return f.length === t.length
+}

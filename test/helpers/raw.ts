@@ -1,0 +1,73 @@
+import { connect as netConnect, type Socket } from 'node:net'
+import mqttPacket, { type Packet } from 'mqtt-packet'
+import { withTimeout } from './clients.js'
+
+/**
+ * A bare TCP connection that speaks MQTT byte by byte, for what a well-behaved client library
+ * will not send: malformed packets, a second CONNECT, invalid UTF-8, stalled reads.
+ */
+export class RawClient {
+  readonly packets: Packet[] = []
+  readonly closed: Promise<void>
+  private readonly parser = mqttPacket.parser({ protocolVersion: 4 })
+  private waiters: (() => void)[] = []
+
+  constructor (readonly socket: Socket) {
+    this.parser.on('packet', (packet: Packet) => {
+      this.packets.push(packet)
+      for (const wake of this.waiters.splice(0)) wake()
+    })
+    socket.on('data', (chunk) => this.parser.parse(chunk))
+    socket.on('error', () => {})
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()))
+  }
+
+  static async open (port: number, host = '127.0.0.1'): Promise<RawClient> {
+    const socket = netConnect({ port, host })
+    await withTimeout(new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve)
+      socket.once('error', reject)
+    }), 5000, `TCP connect to ${host}:${port}`)
+    return new RawClient(socket)
+  }
+
+  send (packet: Packet): void {
+    this.socket.write(mqttPacket.generate(packet))
+  }
+
+  sendBytes (bytes: Buffer | Uint8Array): void {
+    this.socket.write(bytes)
+  }
+
+  /** CONNECT with sane defaults (MQTT 3.1.1, clean session, keepalive 60). */
+  sendConnect (fields: Partial<mqttPacket.IConnectPacket> = {}): void {
+    this.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: 'raw', keepalive: 60, ...fields } as mqttPacket.IConnectPacket)
+  }
+
+  /** Resolves with the next packet of type `cmd` (already received ones count), or rejects after `timeoutMs`. */
+  async next<C extends Packet['cmd']> (cmd: C, timeoutMs = 5000): Promise<Extract<Packet, { cmd: C }>> {
+    const take = (): Extract<Packet, { cmd: C }> | undefined => {
+      const i = this.packets.findIndex((p) => p.cmd === cmd)
+      return i === -1 ? undefined : this.packets.splice(i, 1)[0] as Extract<Packet, { cmd: C }>
+    }
+    return withTimeout((async () => {
+      for (;;) {
+        const found = take()
+        if (found !== undefined) return found
+        await new Promise<void>((resolve, reject) => {
+          this.waiters.push(resolve)
+          this.closed.then(() => reject(new Error(`connection closed while waiting for ${cmd}`)), () => {})
+        })
+      }
+    })(), timeoutMs, `${cmd} packet`)
+  }
+
+  /** Resolves when the broker has closed the connection, or rejects after `timeoutMs`. */
+  waitClosed (timeoutMs = 5000): Promise<void> {
+    return withTimeout(this.closed, timeoutMs, 'the broker to close the connection')
+  }
+
+  destroy (): void {
+    this.socket.destroy()
+  }
+}
