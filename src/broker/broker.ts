@@ -2,6 +2,7 @@ import type { AddressInfo } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { Aedes, type AedesPublishPacket, type Client, type ConnectPacket } from 'aedes'
+import { WebSocket } from 'ws'
 import type { Config, ListenerName } from '../config/schema.js'
 import { createLogger, type Logger } from '../observability/logger.js'
 import { Metrics } from '../observability/metrics.js'
@@ -68,6 +69,11 @@ class FerryBroker implements Broker {
       heartbeatInterval: config.sys.heartbeatSeconds * 1000,
       connectTimeout: limits.connectTimeoutMs,
       drainTimeout: limits.drainTimeoutMs,
+      // No cap on messages in flight in aedes' mqemitter. With a cap (aedes' default 100), messages
+      // past it wait in one broker-wide queue: a subscriber that stops reading stalls delivery to
+      // every client until drainTimeout, and once nothing matches, the queue drains by recursion
+      // and overflows the stack ("Maximum call stack size exceeded"). See bad-input.test.ts.
+      concurrency: 0,
       maxTopicLevels: limits.maxTopicLevels,
       maxInflightInbound: limits.maxInflightInbound,
       maxClientsIdLength: 23, // MQTT 3.1's own limit; 3.1.1 is checked in authenticate
@@ -174,12 +180,27 @@ class FerryBroker implements Broker {
     this.connections.add(conn)
     conn.once('close', () => this.connections.delete(conn))
     metrics.connectionsTotal.inc({ listener })
+    let refused = false
+    const refuse = (reason: string, message: string): void => {
+      if (refused) return
+      refused = true
+      metrics.protocolErrors.inc({ reason })
+      logger.info({ listener, clientId: (conn as { client?: Client }).client?.id ?? null, err: message }, 'client connection closed on error')
+    }
     meterConnection(conn, this.config.limits.maxPacketSize, {
       publishIn: (qos, size) => { metrics.messagesReceived.inc({ qos }); metrics.bytesReceived.inc({ qos }, size) },
       publishOut: (qos, size) => { metrics.messagesSent.inc({ qos }); metrics.bytesSent.inc({ qos }, size) },
       bytesIn: (n) => metrics.networkBytesReceived.inc(n),
       bytesOut: (n) => metrics.networkBytesSent.inc(n),
+      refused: (err) => refuse(err instanceof PacketTooLargeError ? 'packet_too_large' : 'malformed_packet', err.message),
     })
+    // ws refuses a message over maxPayload (= maxPacketSize) itself, before the meter sees a byte.
+    const ws = (conn as { socket?: unknown }).socket
+    if (ws instanceof WebSocket) {
+      ws.on('error', (err: Error & { code?: string }) => {
+        if (err.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') refuse('packet_too_large', `WebSocket message exceeds limits.maxPacketSize (${this.config.limits.maxPacketSize})`)
+      })
+    }
     this.aedes.handle(conn, req)
   }
 
@@ -249,14 +270,19 @@ class FerryBroker implements Broker {
     aedes.on('clientReady', (client) => logger.debug({ clientId: client.id }, 'client connected'))
     aedes.on('clientDisconnect', (client) => logger.debug({ clientId: client.id }, 'client disconnected'))
     aedes.on('keepaliveTimeout', (client) => logger.info({ clientId: client.id }, 'keepalive timeout: client closed'))
+    // aedes reports a closing connection's error once per write still pending (a drain timeout can
+    // come hundreds of times): count and log only the first.
+    const reported = new WeakSet<Client>()
     const onError = (client: Client | null, err: Error): void => {
-      const reason = err instanceof PacketTooLargeError
-        ? 'packet_too_large'
-        : err instanceof MalformedFramingError ? 'malformed_packet' : null
-      if (reason !== null) metrics.protocolErrors.inc({ reason })
+      // Counted and logged by accept() (over WebSocket, these errors do not reach aedes).
+      if (err instanceof PacketTooLargeError || err instanceof MalformedFramingError) return
+      if (client !== null) {
+        if (reported.has(client)) return
+        reported.add(client)
+      }
       if (err.message === 'drain timeout') metrics.protocolErrors.inc({ reason: 'drain_timeout' })
       // A peer that goes away without DISCONNECT is routine on a network of devices: debug, not info.
-      const routine = reason === null && /^(connection closed|read ECONNRESET|write EPIPE|This socket has been ended)/.test(err.message)
+      const routine = /^(connection closed|read ECONNRESET|write EPIPE|This socket has been ended|stream.push\(\) after EOF)/.test(err.message)
       logger[routine ? 'debug' : 'info']({ clientId: client?.id ?? null, err: err.message }, 'client connection closed on error')
     }
     aedes.on('clientError', onError)

@@ -96,7 +96,8 @@ function readConfigFile (file: string): Raw {
     parsed = extname(file).toLowerCase() === '.json' ? JSON.parse(text) : parseYaml(text, { uniqueKeys: true })
   } catch (err) {
     const where = err instanceof YAMLParseError && err.linePos !== undefined ? ` at line ${err.linePos[0].line}, column ${err.linePos[0].col}` : ''
-    throw new ConfigError(`config file ${file}: not valid ${extname(file).toLowerCase() === '.json' ? 'JSON' : 'YAML'}${where}: ${(err as Error).message.split('\n')[0]}`)
+    const detail = ((err as Error).message.split('\n')[0] ?? '').replace(/ at line \d+, column \d+:?$/, '')
+    throw new ConfigError(`config file ${file}: not valid ${extname(file).toLowerCase() === '.json' ? 'JSON' : 'YAML'}${where}: ${detail}`)
   }
   if (parsed === null || parsed === undefined) return {}
   if (typeof parsed !== 'object' || Array.isArray(parsed)) {
@@ -121,11 +122,18 @@ function describeIssue (issue: z.core.$ZodIssue, origins: Map<string, string>, f
   if (issue.code === 'unrecognized_keys') {
     return issue.keys.map((key) => `${path === '' ? key : `${path}.${key}`}: unknown key${file === undefined ? '' : ` in ${file}`}`).join('\n')
   }
-  const origin = origins.get(path)
+  // A bad value not set by a flag or variable came from the file (defaults are always valid).
+  const origin = origins.get(path) ?? (file === undefined ? undefined : `in ${file}`)
   const where = origin === undefined ? '' : ` (${origin})`
   const got = 'input' in issue && issue.code !== 'custom' ? `, got ${describeValue(issue.input)}` : ''
-  return `${path === '' ? '(top level)' : path}${where}: ${issue.message}${got}`
+  // Sections and lists carry no message of their own: say what shape was expected, in YAML's words.
+  const message = issue.code === 'invalid_type' && issue.message.startsWith('Invalid input')
+    ? `expected ${EXPECTED[issue.expected] ?? issue.expected}`
+    : issue.message
+  return `${path === '' ? '(top level)' : path}${where}: ${message}${got}`
 }
+
+const EXPECTED: Record<string, string> = { object: 'a mapping of settings', array: 'a list', string: 'a string', number: 'a number', boolean: 'true or false' }
 
 function describeValue (value: unknown): string {
   if (value === undefined) return 'nothing'

@@ -91,7 +91,8 @@ export const configSchema = z.strictObject({
   limits: limitsSchema.prefault({}),
   log: logSchema.prefault({}),
   sys: sysSchema.prefault({}),
-  bridges: z.array(z.unknown()).max(0, {
+  // Any form of the section (a list, a mapping, an empty `bridges:`) gets this message; only [] passes.
+  bridges: z.unknown().refine((value) => value === undefined || (Array.isArray(value) && value.length === 0), {
     error: 'store-and-forward bridges are not available in this release yet; remove the bridges section',
   }).optional(),
 })

@@ -1,4 +1,5 @@
-import type { Server as NetServer, AddressInfo } from 'node:net'
+import type { Server as NetServer, AddressInfo, Socket } from 'node:net'
+import type { Server as TlsServer, TLSSocket } from 'node:tls'
 import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
 
@@ -46,4 +47,24 @@ export function closeServer (server: NetServer): Promise<void> {
 
 export function boundAddress (server: NetServer): AddressInfo {
   return server.address() as AddressInfo
+}
+
+/**
+ * A TLS server hands a socket over only once its handshake is done, and server.close() waits for
+ * the sockets still in it: a peer that connects and stays silent would hold close() up for the
+ * TLS handshakeTimeout (120 s). Returns a function that destroys the sockets still in handshake.
+ */
+export function trackHandshakes (server: TlsServer): () => void {
+  const pending = new Map<string, Socket>()
+  const key = (socket: Socket): string => `${socket.remoteAddress}|${socket.remotePort}`
+  server.on('connection', (socket: Socket) => {
+    const k = key(socket)
+    pending.set(k, socket)
+    socket.once('close', () => { if (pending.get(k) === socket) pending.delete(k) })
+  })
+  server.on('secureConnection', (socket: TLSSocket) => pending.delete(key(socket)))
+  return () => {
+    for (const socket of pending.values()) socket.destroy()
+    pending.clear()
+  }
 }

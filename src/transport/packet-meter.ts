@@ -94,6 +94,12 @@ export interface MeterEvents {
   publishOut (qos: number, size: number): void
   bytesIn (n: number): void
   bytesOut (n: number): void
+  /**
+   * The connection is being destroyed with `err`. Reported here because the error itself may never
+   * reach aedes: websocket-stream's stream emits 'close' before 'error', and aedes drops its error
+   * listeners on 'close'.
+   */
+  refused (err: PacketTooLargeError | MalformedFramingError): void
 }
 
 /**
@@ -120,7 +126,9 @@ export function meterConnection (conn: Duplex, maxPacketSize: number, events: Me
     events.bytesIn(chunk.length)
     const malformed = inbound.scan(chunk)
     if (malformed !== null || tooLarge !== null) {
-      this.destroy(tooLarge ?? new MalformedFramingError(malformed as string))
+      const err = tooLarge ?? new MalformedFramingError(malformed as string)
+      if (!this.destroyed) events.refused(err)
+      this.destroy(err)
       return null
     }
     return chunk

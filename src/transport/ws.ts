@@ -3,7 +3,7 @@ import { createServer as createHttpsServer } from 'node:https'
 import type { TlsOptions } from 'node:tls'
 import websocketStream from 'websocket-stream'
 import type { Logger } from '../observability/logger.js'
-import { type AcceptConnection, type Listener, boundAddress, closeServer, listen } from './listener.js'
+import { type AcceptConnection, type Listener, boundAddress, closeServer, listen, trackHandshakes } from './listener.js'
 
 export interface WsListenerOptions {
   host: string
@@ -30,6 +30,7 @@ export async function listenWs (name: string, opts: WsListenerOptions, accept: A
     logger.debug({ listener: name, err: err.message }, 'bad HTTP request')
     socket.destroy()
   })
+  const destroyHandshakes = opts.tls === undefined ? () => {} : trackHandshakes(server as ReturnType<typeof createHttpsServer>)
   if (opts.tls !== undefined) {
     server.on('tlsClientError', (err: Error) => logger.info({ listener: name, err: err.message }, 'TLS handshake failed'))
   }
@@ -44,6 +45,7 @@ export async function listenWs (name: string, opts: WsListenerOptions, accept: A
       const closed = closeServer(server)
       wss.close()
       server.closeAllConnections()
+      destroyHandshakes()
       await closed
     },
   }
