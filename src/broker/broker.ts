@@ -10,7 +10,7 @@ import { SysPublisher } from '../observability/sys.js'
 import { prepareDataDir } from '../store/data-dir.js'
 import { listenHttp } from '../transport/http.js'
 import type { Listener } from '../transport/listener.js'
-import { meterConnection, PacketTooLargeError, MalformedFramingError } from '../transport/packet-meter.js'
+import { meterConnection, PacketTooLargeError, MalformedFramingError, type MeteredConnection } from '../transport/packet-meter.js'
 import { listenTcp } from '../transport/tcp.js'
 import { loadTlsMaterial } from '../transport/tls-material.js'
 import { listenWs } from '../transport/ws.js'
@@ -56,6 +56,9 @@ class FerryBroker implements Broker {
   private readonly listeners = new Map<ListenerName, Listener>()
   private readonly connections = new Set<Duplex>()
   private readonly connectInfo = new WeakMap<Client, ConnectInfo>()
+  private readonly meters = new WeakMap<object, MeteredConnection>()
+  /** Clients already logged as slow since they connected, so a flood of drops logs once. */
+  private readonly slowLogged = new WeakSet<object>()
   private readonly sys: SysPublisher
   private started = false
   private closing: Promise<void> | null = null
@@ -147,9 +150,9 @@ class FerryBroker implements Broker {
     const add = (listener: Listener): void => { this.listeners.set(listener.name as ListenerName, listener) }
 
     if (on('mqtt', l.mqtt.port)) add(await listenTcp('mqtt', l.mqtt.host, l.mqtt.port, accept, this.logger))
-    if (on('ws', l.ws.port)) add(await listenWs('ws', { ...l.ws, maxPayload: limits.maxPacketSize }, accept, this.logger))
+    if (on('ws', l.ws.port)) add(await listenWs('ws', { ...l.ws, maxPayload: limits.maxPacketSize, upgradeTimeoutMs: limits.connectTimeoutMs }, accept, this.logger))
     if (tls !== undefined && on('mqtts', l.mqtts.port)) add(await listenTcp('mqtts', l.mqtts.host, l.mqtts.port, accept, this.logger, tls))
-    if (tls !== undefined && on('wss', l.wss.port)) add(await listenWs('wss', { ...l.wss, maxPayload: limits.maxPacketSize, tls }, accept, this.logger))
+    if (tls !== undefined && on('wss', l.wss.port)) add(await listenWs('wss', { ...l.wss, maxPayload: limits.maxPacketSize, upgradeTimeoutMs: limits.connectTimeoutMs, tls }, accept, this.logger))
     if (on('http', l.http.port)) {
       add(await listenHttp('http', l.http.host, l.http.port, {
         live: () => this.closing === null,
@@ -187,7 +190,7 @@ class FerryBroker implements Broker {
       metrics.protocolErrors.inc({ reason })
       logger.info({ listener, clientId: (conn as { client?: Client }).client?.id ?? null, err: message }, 'client connection closed on error')
     }
-    meterConnection(conn, this.config.limits.maxPacketSize, {
+    const meter = meterConnection(conn, this.config.limits.maxPacketSize, {
       publishIn: (qos, size) => { metrics.messagesReceived.inc({ qos }); metrics.bytesReceived.inc({ qos }, size) },
       publishOut: (qos, size) => { metrics.messagesSent.inc({ qos }); metrics.bytesSent.inc({ qos }, size) },
       bytesIn: (n) => metrics.networkBytesReceived.inc(n),
@@ -201,6 +204,7 @@ class FerryBroker implements Broker {
         if (err.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') refuse('packet_too_large', `WebSocket message exceeds limits.maxPacketSize (${this.config.limits.maxPacketSize})`)
       })
     }
+    this.meters.set(conn, meter)
     this.aedes.handle(conn, req)
   }
 
@@ -250,12 +254,39 @@ class FerryBroker implements Broker {
     done(null, sub)
   }
 
+  /** Called by aedes for every delivery to a connected client: the slow-subscriber bound, then the QoS cap. */
+  private authorizeForward (client: Client, packet: AedesPublishPacket): AedesPublishPacket | null {
+    const pending = this.meters.get(client.conn)?.pendingBytes() ?? 0
+    if (pending > this.config.limits.maxClientBufferBytes) {
+      if (packet.qos === 0) {
+        this.metrics.messagesDropped.inc({ reason: 'slow_subscriber' })
+        this.noteSlow(client, pending, 'dropping QoS 0 messages to it')
+        return null
+      }
+      // QoS 1/2 must not be dropped, nor buffered without end: close the connection. A persistent
+      // session still holds the message in its queue and gets it on reconnect.
+      if (this.noteSlow(client, pending, 'closing its connection')) this.metrics.protocolErrors.inc({ reason: 'slow_subscriber' })
+      client.conn.destroy(new Error(`slow subscriber: ${pending} bytes unsent, over limits.maxClientBufferBytes`))
+      return packet
+    }
+    return this.capQoS(client, packet)
+  }
+
+  /** Logs a slow subscriber once per connection; true the first time. */
+  private noteSlow (client: Client, pending: number, action: string): boolean {
+    if (this.slowLogged.has(client)) return false
+    this.slowLogged.add(client)
+    this.logger.warn({ clientId: client.id, pendingBytes: pending, maxClientBufferBytes: this.config.limits.maxClientBufferBytes },
+      `slow subscriber: unsent data over limits.maxClientBufferBytes, ${action}`)
+    return true
+  }
+
   /**
    * Delivers at most at the QoS the matching subscription granted [MQTT-3.8.4-6]. aedes downgrades
    * only when the filter equals the topic, so a QoS 2 message reached a QoS 1 `a/#` subscriber as
    * QoS 2. With overlapping subscriptions the highest granted QoS wins [MQTT-3.3.5-1].
    */
-  private authorizeForward (client: Client, packet: AedesPublishPacket): AedesPublishPacket {
+  private capQoS (client: Client, packet: AedesPublishPacket): AedesPublishPacket {
     if (packet.qos === 0) return packet
     const subs = (client as unknown as { subscriptions: Record<string, { qos: number }> }).subscriptions
     let granted = -1

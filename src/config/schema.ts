@@ -61,6 +61,12 @@ const limitsSchema = z.strictObject({
   connectTimeoutMs: positiveInt('milliseconds', 100, 3_600_000, 10_000),
   /** A subscriber whose socket has not drained for this long is disconnected, so it cannot hold up others. */
   drainTimeoutMs: positiveInt('milliseconds', 100, 3_600_000, 10_000),
+  /**
+   * Bytes the broker may hold unsent for one client (a subscriber that reads slower than it is
+   * sent to). Past it, QoS 0 messages to that client are dropped and counted, and a QoS 1/2
+   * delivery closes the connection: a persistent session keeps the message queued for its return.
+   */
+  maxClientBufferBytes: positiveInt('a size in bytes', 65_536, 4_294_967_295, 8_388_608),
   /** Concurrent connections over all listeners; further sockets are closed at once. */
   maxConnections: positiveInt('a connection count', 1, 1_000_000, 10_000),
   /** Longest client identifier accepted from MQTT 3.1.1 clients (MQTT 3.1 keeps its own 23). */

@@ -109,7 +109,7 @@ export interface MeterEvents {
  * more than `maxPacketSize` bytes is refused before its body is buffered: the connection is
  * destroyed with PacketTooLargeError, as MQTT 3.1.1 has no reason code to send.
  */
-export function meterConnection (conn: Duplex, maxPacketSize: number, events: MeterEvents): void {
+export function meterConnection (conn: Duplex, maxPacketSize: number, events: MeterEvents): MeteredConnection {
   let tooLarge: PacketTooLargeError | null = null
   const inbound = new FixedHeaderScanner((type, flags, size) => {
     if (size > maxPacketSize && tooLarge === null) tooLarge = new PacketTooLargeError(size, maxPacketSize)
@@ -134,19 +134,39 @@ export function meterConnection (conn: Duplex, maxPacketSize: number, events: Me
     return chunk
   }
 
+  // Bytes handed to conn.write() whose write callback has not fired yet: what the broker holds in
+  // memory for this client. Counted through callbacks because the streams differ (net.Socket
+  // counts bytes in writableLength, websocket-stream's object-mode stream counts chunks).
+  let pending = 0
   const write = conn.write
   conn.write = function meteredWrite (this: Duplex, chunk: unknown, ...rest: unknown[]) {
+    let n = 0
     if (typeof chunk === 'string') {
       const encoding = typeof rest[0] === 'string' ? rest[0] as BufferEncoding : 'utf8'
-      const n = Buffer.byteLength(chunk, encoding)
-      events.bytesOut(n)
+      n = Buffer.byteLength(chunk, encoding)
       // mqtt-packet writes topics and payload strings as strings, always inside a packet body.
       if (n <= outbound.bodyBytesLeft) outbound.skipBody(n)
       else outbound.scan(Buffer.from(chunk, encoding))
     } else if (chunk instanceof Uint8Array) {
-      events.bytesOut(chunk.length)
+      n = chunk.length
       outbound.scan(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length))
     }
+    events.bytesOut(n)
+    pending += n
+    const last = rest[rest.length - 1]
+    const callback = typeof last === 'function' ? rest.pop() as (err?: Error | null) => void : undefined
+    rest.push((err?: Error | null) => {
+      pending -= n
+      callback?.(err)
+    })
     return (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
   } as Duplex['write']
+
+  return { pendingBytes: () => pending }
+}
+
+/** What meterConnection leaves to ask of a connection. */
+export interface MeteredConnection {
+  /** Bytes written to the connection and not yet flushed to the network. */
+  pendingBytes (): number
 }

@@ -11,6 +11,8 @@ export interface WsListenerOptions {
   path: string
   /** Largest WebSocket message accepted: the MQTT maximum packet size. */
   maxPayload: number
+  /** A socket that has not completed the WebSocket upgrade by then is closed (limits.connectTimeoutMs). */
+  upgradeTimeoutMs: number
   tls?: TlsOptions
 }
 
@@ -25,7 +27,16 @@ export async function listenWs (name: string, opts: WsListenerOptions, accept: A
     res.end(`FerryMQ speaks MQTT over WebSocket at ${opts.path}; connect with an MQTT client (ws://host:port${opts.path}).\n`)
     req.resume()
   }
-  const server = opts.tls === undefined ? createHttpServer(onRequest) : createHttpsServer(opts.tls, onRequest)
+  // Node's own header timeout is 60 s, checked every 30 s: a socket that opens and never upgrades
+  // would outlive limits.connectTimeoutMs by far. Hold it to the same timeout as a silent MQTT socket.
+  const timeouts = {
+    headersTimeout: opts.upgradeTimeoutMs,
+    requestTimeout: opts.upgradeTimeoutMs,
+    connectionsCheckingInterval: Math.min(1000, opts.upgradeTimeoutMs),
+  }
+  const server = opts.tls === undefined
+    ? createHttpServer(timeouts, onRequest)
+    : createHttpsServer({ ...opts.tls, ...timeouts }, onRequest)
   server.on('clientError', (err: Error, socket) => {
     logger.debug({ listener: name, err: err.message }, 'bad HTTP request')
     socket.destroy()

@@ -417,6 +417,16 @@ describe('limits.connectTimeoutMs', () => {
     expect(ms).toBeLessThan(TIMEOUT + 2000)
   })
 
+  it('a TCP socket to the WebSocket port that never completes the upgrade is closed after about the timeout', async () => {
+    const socket = netConnect({ port: quick.port('ws'), host: '127.0.0.1' })
+    socket.on('error', () => {})
+    socket.write('GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\n') // headers never finished
+    const ms = await closesWithin(socket, 5000)
+    expect(ms).toBeGreaterThanOrEqual(TIMEOUT - 50)
+    // Node checks HTTP timeouts on an interval (here 300 ms): allow for one period and slack.
+    expect(ms).toBeLessThan(TIMEOUT + 2000)
+  })
+
   it('a client that sends CONNECT in time stays connected past the timeout', async () => {
     const raw = await rawConnected(quick.port('mqtt'))
     // A socket opened later that never sends CONNECT: its timer fires after the first one's would have.
@@ -434,7 +444,8 @@ describe('limits.drainTimeoutMs: a subscriber that stops reading', () => {
   const DRAIN = 1000
 
   it.each([0, 1] as const)('at QoS %i is dropped after the drain timeout, while a healthy subscriber keeps receiving without a stall', async (qos) => {
-    const broker = await startBroker({ limits: { drainTimeoutMs: DRAIN } })
+    // The client-buffer bound (tested below) would close the slow client before the timer does.
+    const broker = await startBroker({ limits: { drainTimeoutMs: DRAIN, maxClientBufferBytes: 1024 ** 3 } })
     try {
       const topic = 'stall/t'
       const slow = await rawConnected(broker.port('mqtt'), 'slow')
@@ -489,6 +500,80 @@ describe('limits.drainTimeoutMs: a subscriber that stops reading', () => {
       // Counted once, not once per message that was waiting.
       await eventually(async () => await protocolErrors(broker, 'drain_timeout') === 1, 5000, 'drain_timeout to be counted once')
       expect(await protocolErrors(broker, 'drain_timeout')).toBe(1)
+    } finally {
+      await endAllClients()
+      await broker.close()
+    }
+  })
+})
+
+describe('limits.maxClientBufferBytes: what the broker holds for a subscriber that stops reading', () => {
+  const LIMIT = 1024 * 1024
+  const big = Buffer.alloc(64 * 1024, 0x42)
+
+  /** A raw subscriber that subscribes, then never reads again; and a healthy one on the same topic. */
+  async function setUp (qos: 0 | 1, clean = true): Promise<{ broker: TestBroker, slow: RawClient, healthy: MqttClient, pub: MqttClient, topic: string }> {
+    // A drain timeout far away, so only the buffer bound can act within the test.
+    const broker = await startBroker({ limits: { maxClientBufferBytes: LIMIT, drainTimeoutMs: 600_000 } })
+    const topic = fresh('buffer')
+    const slow = await RawClient.open(broker.port('mqtt'))
+    slow.sendConnect({ clientId: 'slow-reader', clean })
+    expect((await slow.next('connack')).returnCode).toBe(0)
+    slow.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic, qos }] })
+    await slow.next('suback')
+    slow.socket.pause()
+    const healthy = await connect(broker.mqttUrl, { clientId: 'healthy-reader' })
+    await healthy.subscribeAsync(topic, { qos })
+    const pub = await connect(broker.mqttUrl, { clientId: 'buffer-pub' })
+    return { broker, slow, healthy, pub, topic }
+  }
+
+  it('past the bound, QoS 0 messages to the slow subscriber are dropped and counted; it stays connected and the healthy one gets every message', async () => {
+    const { broker, slow, healthy, pub, topic } = await setUp(0)
+    try {
+      // 640 × 64 KiB = 40 MiB: far more than the kernel buffers and the 1 MiB bound hold.
+      const total = 640
+      const got = collect(healthy, total, 30_000)
+      for (let i = 0; i < total; i++) await pub.publishAsync(topic, big, { qos: 0 })
+      expect((await got).length).toBe(total)
+      const dropped = await metricValue(broker, 'ferrymq_messages_dropped_total{reason="slow_subscriber"}')
+      expect(dropped).toBeGreaterThan(0)
+      expect(dropped).toBeLessThan(total)
+      expect(slow.socket.destroyed).toBe(false)
+      expect(await metricValue(broker, 'ferrymq_clients_connected')).toBe(3)
+    } finally {
+      slow.destroy()
+      await endAllClients()
+      await broker.close()
+    }
+  })
+
+  it('past the bound, a QoS 1 delivery closes the slow subscriber (counted once); its persistent session gets the messages when it returns', async () => {
+    const { broker, slow, healthy, pub, topic } = await setUp(1, false)
+    try {
+      const watcher = await connect(broker.mqttUrl)
+      await watcher.subscribeAsync('$SYS/+/disconnect/clients')
+      const gone = collect(watcher, 1, 30_000, () => true)
+      const total = 640
+      const got = collect(healthy, total, 30_000)
+      let sent = 0
+      let closed = false
+      void gone.then(() => { closed = true })
+      while (!closed && sent < total) {
+        await pub.publishAsync(topic, big, { qos: 1 })
+        sent++
+      }
+      expect((await gone)[0]?.payload).toBe('slow-reader')
+      // The rest still go out to the healthy subscriber.
+      for (; sent < total; sent++) await pub.publishAsync(topic, big, { qos: 1 })
+      expect((await got).length).toBe(total)
+      expect(await protocolErrors(broker, 'slow_subscriber')).toBe(1)
+
+      // The slow client comes back with its session: every QoS 1 message is there.
+      slow.destroy()
+      const back = await connect(broker.mqttUrl, { clientId: 'slow-reader', clean: false })
+      const resent = await collect(back, total, 30_000)
+      expect(resent.length).toBe(total)
     } finally {
       await endAllClients()
       await broker.close()

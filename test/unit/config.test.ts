@@ -46,6 +46,7 @@ const DEFAULTS = {
     maxQueuedMessages: 100_000,
     connectTimeoutMs: 10_000,
     drainTimeoutMs: 10_000,
+    maxClientBufferBytes: 8_388_608,
     maxConnections: 10_000,
     maxClientIdLength: 256,
     maxTopicLevels: 100,
