@@ -139,8 +139,9 @@ class FerryBroker implements Broker {
     await new Promise<void>((resolve) => this.aedes.close(() => resolve()))
     for (const conn of this.connections) conn.destroy()
     await listenersClosed
+    const served = this.listeners.size > 0
     this.listeners.clear()
-    this.logger.info('FerryMQ stopped')
+    if (served) this.logger.info('FerryMQ stopped')
   }
 
   private async openListeners (tls: ReturnType<typeof loadTlsMaterial> | undefined): Promise<void> {

@@ -139,6 +139,19 @@ describe('$SYS', () => {
     expect(events).toEqual([['new/clients', 'sys-watched'], ['disconnect/clients', 'sys-watched']])
   })
 
+  it('beats $SYS/<broker>/heartbeat every sys.heartbeatSeconds', async () => {
+    const beating = await startBroker({ sys: { heartbeatSeconds: 1 } })
+    try {
+      const watcher = await connect(beating.mqttUrl)
+      await watcher.subscribeAsync('$SYS/+/heartbeat')
+      const beats = await collect(watcher, 2, 4000)
+      expect(beats.map((m) => m.topic)).toEqual([`$SYS/${beats[0]?.payload}/heartbeat`, `$SYS/${beats[0]?.payload}/heartbeat`])
+    } finally {
+      await endAllClients()
+      await beating.close()
+    }
+  })
+
   it('publishes broker statistics under $SYS/broker/ and keeps them from # subscribers', async () => {
     const fast = await startBroker({ sys: { intervalSeconds: 1 } })
     try {
