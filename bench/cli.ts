@@ -1,0 +1,94 @@
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import { FERRYMQ_CLI, mosquittoVersion, type PeerName } from './peers.js'
+import { markdown, svg } from './report.js'
+import { runBench } from './run.js'
+import { SCENARIOS } from './scenarios.js'
+
+const PEERS: readonly PeerName[] = ['ferrymq', 'mosquitto', 'mosquitto-persist']
+const RESULTS = fileURLToPath(new URL('./results/', import.meta.url))
+
+const HELP = `Usage: npm run bench -- [options]
+
+Runs FerryMQ and Mosquitto side by side on loopback, each scenario on each broker, alternating,
+and writes bench/results/<date>-<name>.{json,md,svg}.
+
+  --full                 longer runs, 10,000 connections, 100,000-message backlog, + mosquitto-persist
+  --scenario NAME[,…]    only these scenarios (${SCENARIOS.map((s) => s.name).join(', ')})
+  --brokers NAME[,…]     brokers to run (${PEERS.join(', ')}); default ferrymq,mosquitto (quick)
+  --reps N               runs per scenario and broker (default 3)
+  --duration MS          measured window of a throughput run (default 2000 quick, 5000 full)
+  --json FILE            write the JSON result here instead of bench/results/
+  --name NAME            results file name suffix (default: quick or full)
+  --no-ceiling           skip the load generator's ceiling (runs against a discard sink)
+  --profile DIR          run FerryMQ under node --cpu-prof, profiles into DIR
+  --help
+`
+
+function list (value: string | undefined, fallback: readonly string[]): string[] {
+  return value === undefined ? [...fallback] : value.split(',').map((s) => s.trim()).filter((s) => s.length > 0)
+}
+
+async function main (): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      full: { type: 'boolean', default: false },
+      scenario: { type: 'string' },
+      brokers: { type: 'string' },
+      reps: { type: 'string' },
+      duration: { type: 'string' },
+      json: { type: 'string' },
+      name: { type: 'string' },
+      'no-ceiling': { type: 'boolean', default: false },
+      profile: { type: 'string' },
+      help: { type: 'boolean', default: false },
+    },
+    strict: true,
+  })
+  if (values.help === true) {
+    process.stdout.write(HELP)
+    return 0
+  }
+  const full = values.full === true
+  const brokers = list(values.brokers, full ? PEERS : ['ferrymq', 'mosquitto'])
+  const unknown = brokers.filter((b) => !PEERS.includes(b as PeerName))
+  if (unknown.length > 0) throw new Error(`unknown broker ${unknown.join(', ')}; known: ${PEERS.join(', ')}`)
+  if (brokers.some((b) => b.startsWith('mosquitto')) && mosquittoVersion() === 'not installed') {
+    throw new Error('mosquitto is not installed (apt-get install mosquitto), or leave it out with --brokers ferrymq')
+  }
+  if (!existsSync(FERRYMQ_CLI)) throw new Error(`${FERRYMQ_CLI} is missing: run npm run build first`)
+  const reps = Number(values.reps ?? 3)
+  const durationMs = Number(values.duration ?? (full ? 5000 : 2000))
+  if (!Number.isInteger(reps) || reps < 1) throw new Error(`--reps: expected a whole number ≥ 1, got ${values.reps}`)
+  if (!Number.isInteger(durationMs) || durationMs < 200) throw new Error(`--duration: expected milliseconds ≥ 200, got ${values.duration}`)
+
+  const started = Date.now()
+  const result = await runBench({
+    scenarios: list(values.scenario, SCENARIOS.map((s) => s.name)),
+    brokers: brokers as PeerName[],
+    reps,
+    quick: !full,
+    durationMs,
+    ceiling: values['no-ceiling'] !== true,
+    ...(values.profile === undefined ? {} : { profileDir: values.profile }),
+    progress: (line) => process.stderr.write(`${line}  (${Math.round((Date.now() - started) / 1000)} s)\n`),
+  })
+
+  const name = `${result.date.slice(0, 10)}-${values.name ?? result.mode}`
+  const jsonPath = values.json ?? join(RESULTS, `${name}.json`)
+  mkdirSync(dirname(jsonPath), { recursive: true })
+  mkdirSync(RESULTS, { recursive: true })
+  const table = markdown(result)
+  writeFileSync(jsonPath, JSON.stringify(result, null, 2) + '\n')
+  writeFileSync(join(RESULTS, `${name}.md`), table)
+  writeFileSync(join(RESULTS, `${name}.svg`), svg(result))
+  process.stdout.write(`\n${table}\nWrote ${jsonPath}, ${join(RESULTS, `${name}.md`)} and ${join(RESULTS, `${name}.svg`)}\n`)
+  return result.results.some((r) => r.errors.length > 0) ? 1 : 0
+}
+
+main().then((code) => { process.exitCode = code }, (err: Error) => {
+  process.stderr.write(`bench: ${err.message}\n`)
+  process.exitCode = 2
+})

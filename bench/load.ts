@@ -1,0 +1,82 @@
+import { Worker } from 'node:worker_threads'
+import type { PublisherJob, PublisherResult } from './publisher-worker.js'
+import { PUBLISH, PUBREL, PUBACK, PUBREC, PUBCOMP, ackPacket, openSession, publishBodyParts, subscribe, type Session } from './wire.js'
+
+const WORKER = new URL('./worker-entry.mjs', import.meta.url)
+
+/** Publishers on a worker thread: connected when this resolves; `go()` starts them and resolves with their totals. */
+export async function startPublishers (job: PublisherJob): Promise<{ go (): Promise<PublisherResult> }> {
+  const worker = new Worker(WORKER, { workerData: job })
+  const next = (): Promise<{ type: string, result?: PublisherResult, error?: string }> => new Promise((resolve, reject) => {
+    const onMessage = (m: { type: string }): void => { worker.off('error', reject); resolve(m) }
+    worker.once('message', onMessage)
+    worker.once('error', reject)
+  })
+  const ready = await next()
+  if (ready.type !== 'ready') {
+    await worker.terminate()
+    throw new Error(`publishers failed to start: ${ready.error ?? ready.type}`)
+  }
+  return {
+    go: async () => {
+      const done = next()
+      worker.postMessage('go')
+      const m = await done
+      await worker.terminate()
+      if (m.type !== 'done' || m.result === undefined) throw new Error(`publishers failed: ${m.error ?? m.type}`)
+      return m.result
+    },
+  }
+}
+
+/**
+ * A subscriber on the bench's own thread: counts PUBLISH packets and answers each QoS handshake,
+ * batching its acknowledgements per read. `onMessage` sees each PUBLISH body (for timestamps).
+ */
+export class Subscriber {
+  received = 0
+  private acks: Buffer[] = []
+
+  constructor (readonly session: Session, onMessage?: (body: Buffer, payloadAt: number) => void) {
+    session.onFrame((type, flags, body) => {
+      if (type === PUBLISH) {
+        this.received++
+        const qos = (flags >> 1) & 3
+        if (qos > 0 || onMessage !== undefined) {
+          const { id, payloadAt } = publishBodyParts(body, qos)
+          if (qos > 0) this.acks.push(ackPacket(qos === 1 ? PUBACK : PUBREC, id))
+          onMessage?.(body, payloadAt)
+        }
+      } else if (type === PUBREL) {
+        this.acks.push(ackPacket(PUBCOMP, body.readUInt16BE(0)))
+      }
+    })
+    session.socket.on('data', () => {
+      if (this.acks.length === 0) return
+      session.socket.write(this.acks.length === 1 ? this.acks[0] as Buffer : Buffer.concat(this.acks))
+      this.acks = []
+    })
+  }
+
+  close (): void {
+    this.session.socket.destroy()
+  }
+}
+
+/** Connects and subscribes; with `topic` null, only resumes a persistent session (its queue flows at once). */
+export async function openSubscriber (port: number, clientId: string, topic: string | null, qos: 0 | 1 | 2,
+  options: { clean?: boolean, onMessage?: (body: Buffer, payloadAt: number) => void } = {}): Promise<Subscriber> {
+  const session = await openSession(port, clientId, options.clean ?? true)
+  session.socket.on('error', () => {})
+  if (topic !== null) await subscribe(session, topic, qos)
+  return new Subscriber(session, options.onMessage)
+}
+
+/** Resolves once `check()` holds, polling every 10 ms, or rejects after `timeoutMs`. */
+export async function until (check: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = performance.now() + timeoutMs
+  while (!check()) {
+    if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms: ${what}`)
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+}

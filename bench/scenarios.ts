@@ -1,0 +1,214 @@
+import hdr from 'hdr-histogram-js'
+import { PUBACK, messageIdOffset, openSession, publishPacket, type Session } from './wire.js'
+import { openSubscriber, startPublishers, until, type Subscriber } from './load.js'
+import type { Peer } from './peers.js'
+
+/** One number a scenario reports. */
+export interface Metric {
+  name: string
+  value: number
+  unit: string
+  /** true for throughput, false for latency, memory, time. */
+  higherIsBetter: boolean
+}
+
+export interface ScenarioOptions {
+  /** Quick mode: shorter runs and smaller populations. */
+  quick: boolean
+  /** Measured window of a throughput run. */
+  durationMs: number
+}
+
+export interface Scenario {
+  name: string
+  description: string
+  /** Runs against the discard sink too (publish-side scenarios), to show the generator's ceiling. */
+  againstSink: boolean
+  run (peer: Peer, options: ScenarioOptions): Promise<Metric[]>
+}
+
+const PAYLOAD = 64
+
+function rate (count: number, ms: number): number {
+  return count / (ms / 1000)
+}
+
+function fanIn (qos: 0 | 1 | 2): Scenario {
+  return {
+    name: `fanin-q${qos}`,
+    description: `10 publishers → 1 subscriber on a wildcard, QoS ${qos}, ${PAYLOAD} B${qos > 0 ? ', 100 in flight per publisher' : ''}`,
+    againstSink: true,
+    async run (peer, { durationMs }) {
+      const sub = peer.received === undefined ? await openSubscriber(peer.port, 'bench-sub', 'bench/fanin/#', qos) : null
+      const pubs = await startPublishers({
+        port: peer.port, connections: 10, clientIdPrefix: 'bench-pub-', topicPrefix: 'bench/fanin/', qos,
+        payloadSize: PAYLOAD, window: 100, durationMs, rate: 0, timestamp: false,
+      })
+      const before = sub?.received ?? await (peer.received as () => Promise<number>)()
+      const start = performance.now()
+      const result = await pubs.go()
+      const elapsed = performance.now() - start
+      const after = sub?.received ?? await (peer.received as () => Promise<number>)()
+      sub?.close()
+      if (result.errors.length > 0) throw new Error(`publishers: ${result.errors[0]}`)
+      return [{ name: 'throughput', value: rate(after - before, elapsed), unit: 'msg/s', higherIsBetter: true }]
+    },
+  }
+}
+
+const fanOut: Scenario = {
+  name: 'fanout-q0',
+  description: '1 publisher → 50 subscribers, QoS 0, 64 B; deliveries per second',
+  againstSink: false,
+  async run (peer, { durationMs }) {
+    const subs: Subscriber[] = []
+    for (let i = 0; i < 50; i++) subs.push(await openSubscriber(peer.port, `bench-fan-${i}`, 'bench/fanout/0', 0))
+    const pubs = await startPublishers({
+      port: peer.port, connections: 1, clientIdPrefix: 'bench-fanpub-', topicPrefix: 'bench/fanout/', qos: 0,
+      payloadSize: PAYLOAD, window: 0, durationMs, rate: 0, timestamp: false,
+    })
+    const count = (): number => subs.reduce((n, s) => n + s.received, 0)
+    const before = count()
+    const start = performance.now()
+    await pubs.go()
+    const elapsed = performance.now() - start
+    const delivered = count() - before
+    for (const s of subs) s.close()
+    return [{ name: 'deliveries', value: rate(delivered, elapsed), unit: 'msg/s', higherIsBetter: true }]
+  },
+}
+
+const latency: Scenario = {
+  name: 'latency-q1',
+  description: 'end-to-end latency at 5,000 msg/s, QoS 1, 64 B, 1 publisher → 1 subscriber',
+  againstSink: false,
+  async run (peer, { durationMs }) {
+    const histogram = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: 3 })
+    let recording = false
+    const sub = await openSubscriber(peer.port, 'bench-lat-sub', 'bench/lat/0', 1, {
+      onMessage: (body, at) => {
+        if (recording) histogram.recordValue(Number((process.hrtime.bigint() - body.readBigUInt64BE(at)) / 1000n))
+      },
+    })
+    const pubs = await startPublishers({
+      port: peer.port, connections: 1, clientIdPrefix: 'bench-lat-pub-', topicPrefix: 'bench/lat/', qos: 1,
+      payloadSize: PAYLOAD, window: 1000, durationMs: durationMs + 500, rate: 5000, timestamp: true,
+    })
+    const done = pubs.go()
+    // The first half second warms connections and JIT up; it is not recorded.
+    setTimeout(() => { recording = true }, 500).unref()
+    await done
+    sub.close()
+    const ms = (us: number): number => us / 1000
+    return [
+      { name: 'p50', value: ms(histogram.getValueAtPercentile(50)), unit: 'ms', higherIsBetter: false },
+      { name: 'p99', value: ms(histogram.getValueAtPercentile(99)), unit: 'ms', higherIsBetter: false },
+      { name: 'p99.9', value: ms(histogram.getValueAtPercentile(99.9)), unit: 'ms', higherIsBetter: false },
+    ]
+  },
+}
+
+const connections: Scenario = {
+  name: 'connections',
+  description: 'idle clients (10,000; quick: 2,000) connected 200 at a time: connect rate and broker RSS per connection',
+  againstSink: false,
+  async run (peer, { quick }) {
+    const total = quick ? 2000 : 10_000
+    const baseline = peer.rssBytes()
+    const sessions: Session[] = []
+    let next = 0
+    const start = performance.now()
+    await Promise.all(Array.from({ length: 200 }, async () => {
+      while (next < total) {
+        const i = next++
+        const s = await openSession(peer.port, `bench-idle-${i}`)
+        s.socket.on('error', () => {})
+        sessions.push(s)
+      }
+    }))
+    const elapsed = performance.now() - start
+    // RSS settles once the broker has handled every CONNECT; measured after all CONNACKs arrived.
+    const rss = peer.rssBytes()
+    for (const s of sessions) s.socket.destroy()
+    return [
+      { name: 'connect rate', value: rate(total, elapsed), unit: 'conn/s', higherIsBetter: true },
+      { name: 'RSS per connection', value: (rss - baseline) / total / 1024, unit: 'KiB', higherIsBetter: false },
+      { name: 'RSS with all connected', value: rss / 1024 / 1024, unit: 'MiB', higherIsBetter: false },
+    ]
+  },
+}
+
+const backlog: Scenario = {
+  name: 'backlog',
+  description: 'QoS 1 messages (100,000; quick: 20,000) queued for an offline persistent session, drained on reconnect',
+  againstSink: false,
+  async run (peer, { quick }) {
+    const total = quick ? 20_000 : 100_000
+    const first = await openSubscriber(peer.port, 'bench-backlog', 'bench/backlog', 1, { clean: false })
+    // A clean DISCONNECT, so the broker has the session offline before the first message.
+    const closed = new Promise((resolve) => first.session.socket.once('close', resolve))
+    first.session.socket.end(Buffer.from([0xe0, 0x00]))
+    await closed
+    // Publish the backlog: one publisher, 100 in flight, until every message is acknowledged.
+    let acked = 0
+    const pub = await openSession(peer.port, 'bench-backlog-pub')
+    const template = publishPacket('bench/backlog', Buffer.alloc(PAYLOAD, 0x62), 1, 1)
+    const idAt = messageIdOffset(template)
+    let sent = 0
+    const send = (n: number): void => {
+      const parts: Buffer[] = []
+      for (let i = 0; i < n && sent < total; i++, sent++) {
+        const p = Buffer.from(template)
+        p.writeUInt16BE((sent % 65535) + 1, idAt)
+        parts.push(p)
+      }
+      if (parts.length > 0) pub.socket.write(Buffer.concat(parts))
+    }
+    pub.onFrame((type) => {
+      if (type === PUBACK) {
+        acked++
+        send(1)
+      }
+    })
+    send(100)
+    await until(() => acked >= total, quick ? 60_000 : 180_000, `backlog of ${total} acknowledged`)
+    pub.socket.destroy()
+
+    const start = performance.now()
+    const again = await openSubscriber(peer.port, 'bench-backlog', null, 1, { clean: false })
+    await until(() => again.received >= total, quick ? 60_000 : 180_000, `backlog of ${total} drained (got ${again.received})`)
+    const elapsed = performance.now() - start
+    again.close()
+    return [
+      { name: 'drain time', value: elapsed / 1000, unit: 's', higherIsBetter: false },
+      { name: 'drain rate', value: rate(total, elapsed), unit: 'msg/s', higherIsBetter: true },
+    ]
+  },
+}
+
+const payloadSweep: Scenario = {
+  name: 'payload',
+  description: '1 publisher → 1 subscriber, QoS 0, payloads 16 B to 64 KiB: delivered MiB/s',
+  againstSink: false,
+  async run (peer, { quick, durationMs }) {
+    const sizes = quick ? [16, 1024, 65536] : [16, 256, 1024, 4096, 16384, 65536]
+    const metrics: Metric[] = []
+    for (const size of sizes) {
+      const sub = await openSubscriber(peer.port, `bench-pay-sub-${size}`, `bench/pay/${size}/0`, 0)
+      const pubs = await startPublishers({
+        port: peer.port, connections: 1, clientIdPrefix: `bench-pay-pub-${size}-`, topicPrefix: `bench/pay/${size}/`, qos: 0,
+        payloadSize: size, window: 0, durationMs: Math.max(500, Math.round(durationMs / 2)), rate: 0, timestamp: false,
+      })
+      const before = sub.received
+      const start = performance.now()
+      await pubs.go()
+      const elapsed = performance.now() - start
+      const delivered = sub.received - before
+      sub.close()
+      metrics.push({ name: size >= 1024 ? `${size / 1024} KiB` : `${size} B`, value: rate(delivered * size, elapsed) / 1024 / 1024, unit: 'MiB/s', higherIsBetter: true })
+    }
+    return metrics
+  },
+}
+
+export const SCENARIOS: readonly Scenario[] = [fanIn(0), fanIn(1), fanIn(2), fanOut, latency, connections, backlog, payloadSweep]
