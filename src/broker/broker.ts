@@ -257,6 +257,10 @@ class FerryBroker implements Broker {
 
   /** Called by aedes for every delivery to a connected client: the slow-subscriber bound, then the QoS cap. */
   private authorizeForward (client: Client, packet: AedesPublishPacket): AedesPublishPacket | null {
+    // aedes keeps handing deliveries to a connection that has just gone; each write would build an
+    // ERR_STREAM_DESTROYED error (7 % of CPU in a profiled fan-in run when its subscriber left).
+    // QoS 0 is simply skipped; QoS 1/2 go on so aedes keeps its queue bookkeeping for the session.
+    if (packet.qos === 0 && client.conn.destroyed) return null
     const pending = this.meters.get(client.conn)?.pendingBytes() ?? 0
     if (pending > this.config.limits.maxClientBufferBytes) {
       if (packet.qos === 0) {

@@ -334,6 +334,18 @@ describe('a running broker', () => {
     expect(await p.exited(6000)).toBe(0)
   })
 
+  it('port 0 turns a listener off, and each listener binds the host its config names', async () => {
+    const config = file('hosts.yaml', 'listeners:\n  mqtt: { host: 127.0.0.1 }\n  http: { host: 127.0.0.1 }\n')
+    const { p, mqtt } = await startCli(['--config', config, '--ws-port', '0'])
+    const ready = JSON.parse(p.stdout().split('\n').find((l) => l.includes('FerryMQ is ready')) as string) as { listeners: Record<string, string> }
+    expect(Object.keys(ready.listeners).sort()).toEqual(['http', 'mqtt'])
+    expect(ready.listeners.mqtt).toBe(`127.0.0.1:${mqtt}`)
+    const tcp = await connect(`mqtt://127.0.0.1:${mqtt}`)
+    await tcp.endAsync()
+    p.proc.kill('SIGTERM')
+    expect(await p.exited(6000)).toBe(0)
+  })
+
   it('/readyz turns 200 when the broker is ready, with ports from FERRYMQ_* variables and logs off', async () => {
     const [mqtt, ws, http] = await distinctFreePorts(3) as [number, number, number]
     const p = spawnCli([], {
