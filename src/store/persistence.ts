@@ -1,0 +1,540 @@
+import { createRequire } from 'node:module'
+import { Readable } from 'node:stream'
+import { decode, encode, type StoredValue } from './codec.js'
+import { key, prefixRange, readU64, splitFirst, str, u16, u64, utf8, type PrefixRange } from './keys.js'
+import { META, type Store } from './open.js'
+import { sublevelOf, type StoreOp, type Sublevel } from './writer.js'
+
+/*
+ * LevelPersistence: an aedes-persistence v11 compatible, promise-style persistence on the
+ * store's LevelDB (research/persistence-and-deps.md §3.2). Sublevels and keys:
+ *
+ *   m  meta        'schema' → uint32; 'seq' → uint64 reserved upper bound of the sequence
+ *   r  retained    utf8(topic) → packet
+ *   s  subs        str(client) ‖ utf8(filter) → { qos, rh, rap, nl, subscriptionIdentifier? }
+ *   o  outgoing    str(client) ‖ u64(seq) → packet (a PUBLISH, later possibly a PUBREL)
+ *   q  by identity str(client) ‖ str(brokerId) ‖ u64(brokerCounter) → u64(seq)
+ *   O  by msg id   str(client) ‖ u16(messageId) → u64(seq)
+ *   i  incoming    str(client) ‖ u16(messageId) → packet (inbound QoS 2)
+ *   w  wills       utf8(client) → will packet
+ *
+ * Every method that writes submits exactly one batch to the group-commit writer and resolves
+ * when that batch is written. Subscriptions are mirrored in memory (per client, and a QlobberSub
+ * trie for topic matching) and loaded at setup(); the mirror is updated after the batch is written.
+ */
+
+const require = createRequire(import.meta.url)
+
+/** What the persistence reads from the aedes broker (`setup(broker)`); `id` is read at call time. */
+export interface PersistenceBroker { id: string }
+/** An aedes client as the persistence sees it. */
+export interface PersistenceClient { id: string }
+/** A stored subscription, as aedes passes and expects it back. */
+export interface Subscription {
+  topic: string
+  qos: number
+  rh?: number
+  rap?: boolean
+  nl?: boolean
+  subscriptionIdentifier?: number
+}
+/** A subscription matched by topic (QoS > 0 only), as `subscriptionsByTopic` returns it. */
+export interface TopicSubscription {
+  clientId: string
+  topic: string
+  qos: number
+  rh?: number
+  rap?: boolean
+  nl?: boolean
+}
+/** A packet as aedes hands it over; any further own fields are stored too (see codec.ts). */
+export interface PacketLike {
+  cmd?: string
+  topic?: string
+  payload?: Buffer | Uint8Array | string
+  qos?: number
+  retain?: boolean
+  dup?: boolean
+  messageId?: number
+  brokerId?: string
+  brokerCounter?: number
+  clientId?: string
+  [field: string]: unknown
+}
+
+// qlobber and aedes-packet are CommonJS without usable typings; these are the parts used.
+interface QlobberSubTrie {
+  subscriptionsCount: number
+  add (topic: string, sub: TopicSubscription): void
+  remove (topic: string, sub: { clientId: string, topic: string }): void
+  match (topic: string): TopicSubscription[]
+}
+interface QlobberTrueMatcher { add (topic: string): void, test (topic: string): boolean }
+type QlobberOptions = { wildcard_one: string, wildcard_some: string, separator: string }
+const QlobberSub = require('qlobber/aedes/qlobber-sub') as new (opts: QlobberOptions) => QlobberSubTrie
+const { QlobberTrue } = require('qlobber') as { QlobberTrue: new (opts: QlobberOptions) => QlobberTrueMatcher }
+/** aedes-packet: copies the fields aedes keeps for a queued packet (and sets messageId undefined). */
+const AedesPacket = require('aedes-packet') as new (original: PacketLike) => PacketLike
+
+const QLOBBER_OPTIONS: QlobberOptions = { wildcard_one: '+', wildcard_some: '#', separator: '/' }
+const SEQ_KEY = Buffer.from('seq')
+/** How many sequence numbers one reservation in meta covers. */
+const SEQ_BLOCK = 65536
+
+type SubRecord = Omit<Subscription, 'topic'>
+
+/** Options of {@link LevelPersistence}. */
+export interface LevelPersistenceOptions {
+  /**
+   * Whether destroy() closes the store (default true). Pass false when the store is shared with
+   * other users of the same database (inbound journal, bridge outboxes) and closed by its owner.
+   */
+  closeStoreOnDestroy?: boolean
+}
+
+export class LevelPersistence {
+  readonly #store: Store
+  readonly #closeStoreOnDestroy: boolean
+  readonly #meta: Sublevel
+  readonly #retained: Sublevel
+  readonly #subs: Sublevel
+  readonly #outgoing: Sublevel
+  readonly #byIdentity: Sublevel
+  readonly #byMessageId: Sublevel
+  readonly #incoming: Sublevel
+  readonly #wills: Sublevel
+  #broker: PersistenceBroker | undefined
+  /** client id → (filter → record): the in-memory mirror of sublevel `s`. */
+  readonly #clientSubs = new Map<string, Map<string, SubRecord>>()
+  readonly #trie = new QlobberSub(QLOBBER_OPTIONS)
+  /** Per-client chains that serialize subscription changes (they read the mirror, then write). */
+  readonly #subLocks = new Map<string, Promise<void>>()
+  /** Next sequence number to hand out. */
+  #nextSeq = 0
+  /** Upper bound reserved in memory; numbers below it may be handed out. */
+  #reserved = 0
+  /** Upper bound known to be on disk. Writes that use numbers ≥ it carry a new reservation. */
+  #durableReserved = 0
+  #destroyed = false
+
+  /** Uses `store` (and closes it on destroy(), unless told not to). Call `await setup(broker)` first. */
+  constructor (store: Store, options: LevelPersistenceOptions = {}) {
+    this.#store = store
+    this.#closeStoreOnDestroy = options.closeStoreOnDestroy ?? true
+    const sub = (name: string): Sublevel => sublevelOf(store.db, name)
+    this.#meta = sub(META)
+    this.#retained = sub('r')
+    this.#subs = sub('s')
+    this.#outgoing = sub('o')
+    this.#byIdentity = sub('q')
+    this.#byMessageId = sub('O')
+    this.#incoming = sub('i')
+    this.#wills = sub('w')
+  }
+
+  /** The broker given to setup() (the abstract suite reads `broker.id`). */
+  get broker (): PersistenceBroker | undefined {
+    return this.#broker
+  }
+
+  /** Loads the sequence reservation and the subscription mirror. A native async function, as aedes requires. */
+  async setup (broker: PersistenceBroker): Promise<void> {
+    this.#broker = broker
+    const seq = await this.#meta.get(SEQ_KEY)
+    this.#nextSeq = this.#reserved = this.#durableReserved = seq === undefined ? 0 : readU64(seq)
+    for await (const [k, v] of this.#subs.iterator()) {
+      const [clientId, filter] = splitFirst(k)
+      this.#applyAdd(clientId, [{ topic: filter.toString('utf8'), ...decode<SubRecord>(v) }])
+    }
+  }
+
+  // ---- retained -------------------------------------------------------------------------------
+
+  /** Stores a copy of a retained packet; an empty payload deletes the topic's retained message. */
+  async storeRetained (packet: PacketLike): Promise<void> {
+    const k = utf8(packet.topic ?? '')
+    const empty = packet.payload === undefined || packet.payload.length === 0
+    await this.#write(empty
+      ? [{ type: 'del', sublevel: this.#retained, key: k }]
+      : [{ type: 'put', sublevel: this.#retained, key: k, value: encode(packet) }])
+  }
+
+  /** Retained packets matching `pattern`. Deprecated in aedes-persistence; kept for the suite. */
+  createRetainedStream (pattern: string): Readable {
+    return this.createRetainedStreamCombi([pattern])
+  }
+
+  /**
+   * Retained packets matching any of `patterns`, each packet once. A filter is served by a range
+   * scan over its literal leading levels, then matched; a filter starting with a wildcard does not
+   * match topics starting with `$` [MQTT-4.7.2-1].
+   */
+  createRetainedStreamCombi (patterns: string[]): Readable {
+    return Readable.from(this.#retainedMatching(patterns))
+  }
+
+  async * #retainedMatching (patterns: string[]): AsyncGenerator<StoredValue> {
+    const seen = new Set<string>()
+    for (const pattern of patterns) {
+      const levels = pattern.split('/')
+      const firstWild = levels.findIndex(l => l === '+' || l === '#')
+      if (firstWild < 0) {
+        const v = seen.has(pattern) ? undefined : await this.#retained.get(utf8(pattern))
+        seen.add(pattern)
+        if (v !== undefined) yield decode(v)
+        continue
+      }
+      const matcher = new QlobberTrue(QLOBBER_OPTIONS)
+      matcher.add(pattern)
+      // `a/#` also matches `a`, so its prefix is `a`; `a/+` needs at least `a/`.
+      const literal = levels.slice(0, firstWild).join('/')
+      const prefix = firstWild === 0 ? '' : levels[firstWild] === '#' ? literal : literal + '/'
+      for await (const [k, v] of this.#retained.iterator(prefixRange(utf8(prefix)))) {
+        const topic = k.toString('utf8')
+        if (seen.has(topic) || (firstWild === 0 && topic.startsWith('$')) || !matcher.test(topic)) continue
+        seen.add(topic)
+        yield decode(v)
+      }
+    }
+  }
+
+  // ---- subscriptions --------------------------------------------------------------------------
+
+  /** Stores subscriptions (a topic already stored is replaced; within one call the last wins). */
+  async addSubscriptions (client: PersistenceClient, subs: Subscription[]): Promise<void> {
+    await this.#withSubLock(client.id, async () => {
+      await this.#write(subs.map((sub): StoreOp => ({
+        type: 'put', sublevel: this.#subs, key: this.#subKey(client.id, sub.topic), value: encode(subRecord(sub))
+      })))
+      this.#applyAdd(client.id, subs)
+    })
+  }
+
+  /** Removes the client's subscriptions to the given filters (strings). */
+  async removeSubscriptions (client: PersistenceClient, topics: string[]): Promise<void> {
+    await this.#withSubLock(client.id, async () => {
+      const stored = this.#clientSubs.get(client.id)
+      const present = topics.filter(t => stored?.has(t))
+      await this.#write(present.map((t): StoreOp => ({ type: 'del', sublevel: this.#subs, key: this.#subKey(client.id, t) })))
+      this.#applyRemove(client.id, present)
+    })
+  }
+
+  /** Removes all of the client's subscriptions. */
+  async cleanSubscriptions (client: PersistenceClient): Promise<void> {
+    await this.#withSubLock(client.id, async () => {
+      const topics = [...(this.#clientSubs.get(client.id)?.keys() ?? [])]
+      await this.#write(topics.map((t): StoreOp => ({ type: 'del', sublevel: this.#subs, key: this.#subKey(client.id, t) })))
+      this.#applyRemove(client.id, topics)
+    })
+  }
+
+  /** The client's subscriptions (all QoS), `[]` when none. */
+  async subscriptionsByClient (client: PersistenceClient): Promise<Subscription[]> {
+    const stored = this.#clientSubs.get(client.id)
+    return stored === undefined ? [] : [...stored].map(([topic, record]) => ({ topic, ...record }))
+  }
+
+  /** QoS > 0 subscriptions whose filter matches `topic`. */
+  async subscriptionsByTopic (topic: string): Promise<TopicSubscription[]> {
+    return this.#trie.match(topic)
+  }
+
+  /** `subsCount`: QoS > 0 subscriptions; `clientsCount`: clients with any subscription. */
+  async countOffline (): Promise<{ subsCount: number, clientsCount: number }> {
+    return { subsCount: this.#trie.subscriptionsCount, clientsCount: this.#clientSubs.size }
+  }
+
+  /** Ids of the clients subscribed to exactly the filter `topic`. */
+  getClientList (topic: string): Readable {
+    const ids: string[] = []
+    for (const [clientId, stored] of this.#clientSubs) if (stored.has(topic)) ids.push(clientId)
+    return Readable.from(ids)
+  }
+
+  #subKey (clientId: string, filter: string): Buffer {
+    return key(str(clientId), utf8(filter))
+  }
+
+  /** Mirror update after an add: same rules as aedes-persistence's in-memory store. */
+  #applyAdd (clientId: string, subs: Subscription[]): void {
+    let stored = this.#clientSubs.get(clientId)
+    if (stored === undefined) {
+      stored = new Map()
+      this.#clientSubs.set(clientId, stored)
+    }
+    for (const sub of subs) {
+      const previous = stored.get(sub.topic)
+      if (sub.qos > 0) {
+        this.#trie.add(sub.topic, { clientId, topic: sub.topic, qos: sub.qos, rh: sub.rh, rap: sub.rap, nl: sub.nl })
+      } else if (previous !== undefined && previous.qos > 0) {
+        this.#trie.remove(sub.topic, { clientId, topic: sub.topic })
+      }
+      stored.set(sub.topic, subRecord(sub))
+    }
+  }
+
+  /** Mirror update after a removal. */
+  #applyRemove (clientId: string, topics: string[]): void {
+    const stored = this.#clientSubs.get(clientId)
+    if (stored === undefined) return
+    for (const topic of topics) {
+      const previous = stored.get(topic)
+      if (previous === undefined) continue
+      if (previous.qos > 0) this.#trie.remove(topic, { clientId, topic })
+      stored.delete(topic)
+    }
+    if (stored.size === 0) this.#clientSubs.delete(clientId)
+  }
+
+  /** Runs `fn` after the client's previous subscription change has finished. */
+  #withSubLock (clientId: string, fn: () => Promise<void>): Promise<void> {
+    const run = (this.#subLocks.get(clientId) ?? Promise.resolve()).then(fn)
+    const tail = run.catch(() => {})
+    this.#subLocks.set(clientId, tail)
+    void tail.then(() => { if (this.#subLocks.get(clientId) === tail) this.#subLocks.delete(clientId) })
+    return run
+  }
+
+  // ---- outgoing queues ------------------------------------------------------------------------
+
+  /** Appends `packet` to the queue of `sub.clientId`. */
+  async outgoingEnqueue (sub: { clientId: string }, packet: PacketLike): Promise<void> {
+    await this.outgoingEnqueueCombi([sub], packet)
+  }
+
+  /** Appends one copy of `packet` to the queue of each subscription's client, in one batch. */
+  async outgoingEnqueueCombi (subs: Array<{ clientId: string }>, packet: PacketLike): Promise<void> {
+    if (subs.length === 0) return
+    const stored = new AedesPacket(packet)
+    const value = encode(stored)
+    const ops: StoreOp[] = []
+    const { first, reservation } = this.#allocate(subs.length, ops)
+    let seq = first
+    for (const { clientId } of subs) {
+      const seqKey = u64(seq++)
+      ops.push({ type: 'put', sublevel: this.#outgoing, key: key(str(clientId), seqKey), value })
+      const idKey = this.#identityKey(clientId, stored)
+      if (idKey !== undefined) ops.push({ type: 'put', sublevel: this.#byIdentity, key: idKey, value: seqKey })
+    }
+    await this.#write(ops, reservation)
+  }
+
+  /**
+   * Before a delivery: a packet with brokerId/brokerCounter sets the messageId of the queued entry
+   * with that identity. Otherwise (or if no entry has that identity) the entry holding
+   * `packet.messageId` is replaced by `packet` (PUBLISH → PUBREL). Rejects `no such packet`.
+   * If two live entries are given the same messageId (aedes never does), the id index follows the
+   * later one.
+   */
+  async outgoingUpdate (client: PersistenceClient, packet: PacketLike): Promise<void> {
+    const idKey = this.#identityKey(client.id, packet)
+    const bySeq = idKey === undefined ? undefined : await this.#byIdentity.get(idKey)
+    if (bySeq !== undefined) {
+      const current = await this.#outgoing.get(key(str(client.id), bySeq))
+      if (current !== undefined) {
+        const entry = decode<PacketLike>(current)
+        const ops: StoreOp[] = []
+        const oldId = entry.messageId
+        entry.messageId = packet.messageId
+        ops.push({ type: 'put', sublevel: this.#outgoing, key: key(str(client.id), bySeq), value: encode(entry) })
+        if (isPacketId(oldId) && oldId !== packet.messageId) {
+          const oldIndex = await this.#byMessageId.get(this.#messageIdKey(client.id, oldId))
+          if (oldIndex !== undefined && oldIndex.equals(bySeq)) {
+            ops.push({ type: 'del', sublevel: this.#byMessageId, key: this.#messageIdKey(client.id, oldId) })
+          }
+        }
+        if (isPacketId(packet.messageId)) {
+          ops.push({ type: 'put', sublevel: this.#byMessageId, key: this.#messageIdKey(client.id, packet.messageId), value: bySeq })
+        }
+        await this.#write(ops)
+        return
+      }
+    }
+    if (!isPacketId(packet.messageId)) throw new Error('no such packet')
+    const seqKey = await this.#byMessageId.get(this.#messageIdKey(client.id, packet.messageId))
+    const current = seqKey === undefined ? undefined : await this.#outgoing.get(key(str(client.id), seqKey))
+    if (seqKey === undefined || current === undefined) throw new Error('no such packet')
+    const ops: StoreOp[] = [{ type: 'put', sublevel: this.#outgoing, key: key(str(client.id), seqKey), value: encode(packet) }]
+    const oldIdKey = this.#identityKey(client.id, decode<PacketLike>(current))
+    const newIdKey = this.#identityKey(client.id, packet)
+    if (oldIdKey !== undefined && (newIdKey === undefined || !oldIdKey.equals(newIdKey))) {
+      ops.push({ type: 'del', sublevel: this.#byIdentity, key: oldIdKey })
+    }
+    if (newIdKey !== undefined) ops.push({ type: 'put', sublevel: this.#byIdentity, key: newIdKey, value: seqKey })
+    await this.#write(ops)
+  }
+
+  /** On PUBACK/PUBCOMP: removes the entry holding `packet.messageId` and returns it (undefined if none). */
+  async outgoingClearMessageId (client: PersistenceClient, packet: { messageId?: number } | undefined): Promise<PacketLike | undefined> {
+    const messageId = packet?.messageId
+    if (!isPacketId(messageId)) return undefined
+    const idxKey = this.#messageIdKey(client.id, messageId)
+    const seqKey = await this.#byMessageId.get(idxKey)
+    if (seqKey === undefined) return undefined
+    const entryKey = key(str(client.id), seqKey)
+    const current = await this.#outgoing.get(entryKey)
+    const ops: StoreOp[] = [{ type: 'del', sublevel: this.#byMessageId, key: idxKey }]
+    const entry = current === undefined ? undefined : decode<PacketLike>(current)
+    if (entry !== undefined) {
+      ops.push({ type: 'del', sublevel: this.#outgoing, key: entryKey })
+      const idKey = this.#identityKey(client.id, entry)
+      if (idKey !== undefined) ops.push({ type: 'del', sublevel: this.#byIdentity, key: idKey })
+    }
+    await this.#write(ops)
+    return entry
+  }
+
+  /** The client's queue in order, as a snapshot taken now. */
+  outgoingStream (client: PersistenceClient): Readable {
+    // Created here, not on first read, so the iterator's implicit snapshot is taken at call time.
+    const iterator = this.#outgoing.iterator(this.#clientRange(client.id))
+    async function * entries (): AsyncGenerator<StoredValue> {
+      try {
+        for await (const [, v] of iterator) yield decode(v)
+      } finally {
+        await iterator.close()
+      }
+    }
+    return Readable.from(entries())
+  }
+
+  /** The `q` key of a packet's aedes identity, or undefined if it has none. */
+  #identityKey (clientId: string, packet: PacketLike): Buffer | undefined {
+    const { brokerId, brokerCounter } = packet
+    if (typeof brokerId !== 'string' || brokerId === '' || typeof brokerCounter !== 'number') return undefined
+    if (!Number.isSafeInteger(brokerCounter) || brokerCounter < 0) return undefined
+    return key(str(clientId), str(brokerId), u64(brokerCounter))
+  }
+
+  #messageIdKey (clientId: string, messageId: number): Buffer {
+    return key(str(clientId), u16(messageId))
+  }
+
+  #clientRange (clientId: string): PrefixRange {
+    return prefixRange(str(clientId))
+  }
+
+  /**
+   * Hands out `n` consecutive sequence numbers (hi-lo). When they reach beyond the reservation on
+   * disk, a new reservation is pushed onto `ops`, so it becomes durable in the same batch as the
+   * first key that needs it; it is re-sent with every such batch until one of them has been
+   * written (so a failed batch cannot leave a used number above the durable reservation).
+   * Returns the first number and the reservation to record once `ops` are written.
+   */
+  #allocate (n: number, ops: StoreOp[]): { first: number, reservation: number | undefined } {
+    const first = this.#nextSeq
+    this.#nextSeq += n
+    if (this.#nextSeq > this.#reserved) this.#reserved = this.#nextSeq + SEQ_BLOCK
+    if (this.#nextSeq <= this.#durableReserved) return { first, reservation: undefined }
+    ops.push({ type: 'put', sublevel: this.#meta, key: SEQ_KEY, value: u64(this.#reserved) })
+    return { first, reservation: this.#reserved }
+  }
+
+  // ---- incoming QoS 2 -------------------------------------------------------------------------
+
+  /** Stores an inbound QoS 2 PUBLISH, keyed by its messageId. */
+  async incomingStorePacket (client: PersistenceClient, packet: PacketLike): Promise<void> {
+    const stored = new AedesPacket(packet)
+    stored.messageId = packet.messageId
+    await this.#write([{ type: 'put', sublevel: this.#incoming, key: this.#incomingKey(client.id, packet), value: encode(stored) }])
+  }
+
+  /** The stored inbound packet; rejects `no such packet` when absent (aedes reads that as "new"). */
+  async incomingGetPacket (client: PersistenceClient, packet: { messageId?: number }): Promise<PacketLike> {
+    const v = await this.#incoming.get(this.#incomingKey(client.id, packet))
+    if (v === undefined) throw new Error('no such packet')
+    return decode<PacketLike>(v)
+  }
+
+  /** Deletes a stored inbound packet; rejects `no such packet` when absent, as the in-memory store does. */
+  async incomingDelPacket (client: PersistenceClient, packet: { messageId?: number }): Promise<void> {
+    const k = this.#incomingKey(client.id, packet)
+    if (await this.#incoming.get(k) === undefined) throw new Error('no such packet')
+    await this.#write([{ type: 'del', sublevel: this.#incoming, key: k }])
+  }
+
+  /** Deletes every inbound packet of the client (and only that client). */
+  async cleanIncoming (client: PersistenceClient): Promise<void> {
+    const ops: StoreOp[] = []
+    for await (const k of this.#incoming.keys(this.#clientRange(client.id))) {
+      ops.push({ type: 'del', sublevel: this.#incoming, key: k })
+    }
+    await this.#write(ops)
+  }
+
+  #incomingKey (clientId: string, packet: { messageId?: number }): Buffer {
+    if (!isPacketId(packet.messageId)) throw new Error('no such packet')
+    return this.#messageIdKey(clientId, packet.messageId)
+  }
+
+  // ---- wills ----------------------------------------------------------------------------------
+
+  /** Stores the client's will, stamping it with the current broker id and the client id. */
+  async putWill (client: PersistenceClient, packet: PacketLike): Promise<void> {
+    packet.brokerId = this.#brokerOrThrow().id
+    packet.clientId = client.id
+    await this.#write([{ type: 'put', sublevel: this.#wills, key: utf8(client.id), value: encode(packet) }])
+  }
+
+  /** The client's will, or undefined. */
+  async getWill (client: PersistenceClient): Promise<PacketLike | undefined> {
+    const v = await this.#wills.get(utf8(client.id))
+    return v === undefined ? undefined : decode<PacketLike>(v)
+  }
+
+  /** Deletes the client's will and returns it (undefined if there was none). */
+  async delWill (client: PersistenceClient): Promise<PacketLike | undefined> {
+    const will = await this.getWill(client)
+    if (will !== undefined) await this.#write([{ type: 'del', sublevel: this.#wills, key: utf8(client.id) }])
+    return will
+  }
+
+  /** Wills whose brokerId is not a key of `brokers` (brokers that are alive). */
+  streamWill (brokers: Record<string, unknown> = {}): Readable {
+    const wills = this.#wills
+    async function * orphaned (): AsyncGenerator<PacketLike> {
+      for await (const v of wills.values()) {
+        const will = decode<PacketLike>(v)
+        const id = will.brokerId ?? ''
+        if (!(Object.hasOwn(brokers, id) && Boolean(brokers[id]))) yield will
+      }
+    }
+    return Readable.from(orphaned())
+  }
+
+  // ---- lifecycle ------------------------------------------------------------------------------
+
+  /**
+   * Closes the store (waiting for queued writes), unless `closeStoreOnDestroy: false`. aedes never
+   * calls this: the broker must, after aedes has closed. Idempotent.
+   */
+  async destroy (): Promise<void> {
+    if (this.#destroyed) return
+    this.#destroyed = true
+    if (this.#closeStoreOnDestroy) await this.#store.close()
+  }
+
+  #brokerOrThrow (): PersistenceBroker {
+    if (this.#broker === undefined) throw new Error('LevelPersistence: setup(broker) has not been called')
+    return this.#broker
+  }
+
+  /** Submits one batch; once written, records the sequence reservation it carries (if any). */
+  async #write (ops: StoreOp[], reservation?: number): Promise<void> {
+    if (ops.length === 0) return
+    await this.#store.writer.write(ops)
+    if (reservation !== undefined && reservation > this.#durableReserved) this.#durableReserved = reservation
+  }
+}
+
+/** The per-client record of a subscription: the fields the in-memory store keeps, and only those present. */
+function subRecord (sub: Subscription): SubRecord {
+  const record: SubRecord = { qos: sub.qos, rh: sub.rh, rap: sub.rap, nl: sub.nl }
+  if (sub.subscriptionIdentifier !== undefined) record.subscriptionIdentifier = sub.subscriptionIdentifier
+  return record
+}
+
+function isPacketId (id: unknown): id is number {
+  return typeof id === 'number' && Number.isInteger(id) && id >= 0 && id <= 0xffff
+}
