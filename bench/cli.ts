@@ -7,7 +7,7 @@ import { markdown, svg } from './report.js'
 import { runBench } from './run.js'
 import { SCENARIOS } from './scenarios.js'
 
-const PEERS: readonly PeerName[] = ['ferrymq', 'mosquitto', 'mosquitto-persist']
+const PEERS: readonly PeerName[] = ['ferrymq', 'ferrymq-os', 'ferrymq-fsync', 'mosquitto', 'mosquitto-persist']
 const RESULTS = fileURLToPath(new URL('./results/', import.meta.url))
 
 const HELP = `Usage: npm run bench -- [options]
@@ -52,7 +52,7 @@ async function main (): Promise<number> {
     return 0
   }
   const full = values.full === true
-  const brokers = list(values.brokers, full ? PEERS : ['ferrymq', 'mosquitto'])
+  const brokers = list(values.brokers, full ? ['ferrymq', 'mosquitto', 'mosquitto-persist'] : ['ferrymq', 'mosquitto'])
   const unknown = brokers.filter((b) => !PEERS.includes(b as PeerName))
   if (unknown.length > 0) throw new Error(`unknown broker ${unknown.join(', ')}; known: ${PEERS.join(', ')}`)
   if (brokers.some((b) => b.startsWith('mosquitto')) && mosquittoVersion() === 'not installed') {

@@ -8,6 +8,8 @@ import { createLogger, type Logger } from '../observability/logger.js'
 import { Metrics } from '../observability/metrics.js'
 import { SysPublisher } from '../observability/sys.js'
 import { prepareDataDir } from '../store/data-dir.js'
+import { openStore } from '../store/open.js'
+import { LevelPersistence } from '../store/persistence.js'
 import { listenHttp } from '../transport/http.js'
 import type { Listener } from '../transport/listener.js'
 import { meterConnection, PacketTooLargeError, MalformedFramingError, type MeteredConnection } from '../transport/packet-meter.js'
@@ -52,7 +54,9 @@ export function createBroker (config: Config, options: BrokerOptions = {}): Brok
 class FerryBroker implements Broker {
   readonly metrics: Metrics
   readonly logger: Logger
-  private readonly aedes: Aedes
+  /** Created by start(), once the store (if any) is open. */
+  private aedes: Aedes | null = null
+  private persistence: LevelPersistence | null = null
   private readonly listeners = new Map<ListenerName, Listener>()
   private readonly connections = new Set<Duplex>()
   private readonly connectInfo = new WeakMap<Client, ConnectInfo>()
@@ -67,8 +71,22 @@ class FerryBroker implements Broker {
 
   constructor (readonly config: Config, private readonly options: BrokerOptions) {
     this.logger = options.logger ?? createLogger(config.log.level)
+    this.metrics = new Metrics({
+      clientsConnected: () => this.aedes?.connectedClients ?? 0,
+      subscriptions: () => this.countSubscriptions(),
+      retainedMessages: () => this.countRetained(),
+    })
+    this.sys = new SysPublisher(this.metrics, (topic, payload) => {
+      if (this.aedes !== null && !this.aedes.closed) this.aedes.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain: false, dup: false }, () => {})
+    }, VERSION)
+  }
+
+  /** aedes with FerryMQ's hooks and limits, on the given persistence (aedes' in-memory one when null). */
+  private createAedes (persistence: LevelPersistence | null): Aedes {
+    const { config } = this
     const limits = config.limits
-    this.aedes = new Aedes({
+    const aedes = new Aedes({
+      ...(persistence === null ? {} : { persistence }),
       heartbeatInterval: config.sys.heartbeatSeconds * 1000,
       connectTimeout: limits.connectTimeoutMs,
       drainTimeout: limits.drainTimeoutMs,
@@ -86,15 +104,8 @@ class FerryBroker implements Broker {
       authorizeSubscribe: (client, sub, done) => this.authorizeSubscribe(client, sub, done),
       authorizeForward: (client, packet) => this.authorizeForward(client, packet),
     })
-    this.metrics = new Metrics({
-      clientsConnected: () => this.aedes.connectedClients ?? 0,
-      subscriptions: () => this.countSubscriptions(),
-      retainedMessages: () => this.countRetained(),
-    })
-    this.sys = new SysPublisher(this.metrics, (topic, payload) => {
-      if (!this.aedes.closed) this.aedes.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain: false, dup: false }, () => {})
-    }, VERSION)
-    this.watchClients()
+    this.watchClients(aedes)
+    return aedes
   }
 
   address (name: ListenerName): AddressInfo | undefined {
@@ -106,13 +117,14 @@ class FerryBroker implements Broker {
     this.started = true
     const { config, logger } = this
     const dataDir = prepareDataDir(config.storage)
-    if (dataDir !== null) {
-      logger.warn({ dataDir, durability: config.storage.durability },
-        'LevelDB persistence is not built yet: sessions, retained and queued messages are kept in memory and lost on restart')
-    }
     const tls = config.tls === undefined ? undefined : loadTlsMaterial(config.tls)
-    await this.aedes.listen()
+    if (dataDir !== null && config.storage.durability !== 'memory') {
+      this.persistence = new LevelPersistence(await openStore(dataDir, config.storage.durability))
+      logger.info({ dataDir, durability: config.storage.durability }, 'store opened')
+    }
+    this.aedes = this.createAedes(this.persistence)
     try {
+      await this.aedes.listen()
       await this.openListeners(tls)
     } catch (err) {
       await this.close()
@@ -134,11 +146,14 @@ class FerryBroker implements Broker {
   private async shutdown (): Promise<void> {
     this.ready = false
     this.sys.stop()
-    // Stop accepting first, then close the clients aedes knows, then any socket that never sent CONNECT.
+    // Stop accepting first, then close the clients aedes knows, then any socket that never sent
+    // CONNECT; the store closes last, once its writer has finished what is queued.
     const listenersClosed = Promise.all([...this.listeners.values()].map((l) => l.close()))
-    await new Promise<void>((resolve) => this.aedes.close(() => resolve()))
+    const aedes = this.aedes
+    if (aedes !== null) await new Promise<void>((resolve) => aedes.close(() => resolve()))
     for (const conn of this.connections) conn.destroy()
     await listenersClosed
+    await this.persistence?.destroy()
     const served = this.listeners.size > 0
     this.listeners.clear()
     if (served) this.logger.info('FerryMQ stopped')
@@ -206,7 +221,7 @@ class FerryBroker implements Broker {
       })
     }
     this.meters.set(conn, meter)
-    this.aedes.handle(conn, req)
+    ;(this.aedes as Aedes).handle(conn, req)
   }
 
   private preConnect (client: Client, packet: ConnectPacket, done: (err: Error | null, ok: boolean) => void): void {
@@ -301,8 +316,8 @@ class FerryBroker implements Broker {
     return granted < 0 || granted >= packet.qos ? packet : { ...packet, qos: granted as 0 | 1 }
   }
 
-  private watchClients (): void {
-    const { aedes, logger, metrics } = this
+  private watchClients (aedes: Aedes): void {
+    const { logger, metrics } = this
     aedes.on('clientReady', (client) => logger.debug({ clientId: client.id }, 'client connected'))
     aedes.on('clientDisconnect', (client) => logger.debug({ clientId: client.id }, 'client disconnected'))
     aedes.on('keepaliveTimeout', (client) => logger.info({ clientId: client.id }, 'keepalive timeout: client closed'))
@@ -330,6 +345,7 @@ class FerryBroker implements Broker {
   private countSubscriptions (): number {
     let n = 0
     // aedes keeps each connected client's subscriptions on the client (not in its typings).
+    if (this.aedes === null) return 0
     const clients = (this.aedes as unknown as { clients: Record<string, { subscriptions: object }> }).clients
     for (const id in clients) n += Object.keys((clients[id] as { subscriptions: object }).subscriptions).length
     return n
