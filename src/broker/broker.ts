@@ -1,7 +1,7 @@
 import type { AddressInfo } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
-import { Aedes, type AedesPublishPacket, type Client, type ConnectPacket } from 'aedes'
+import { Aedes, type AedesPublishPacket, type Client, type ConnectPacket, type PublishPacket } from 'aedes'
 import { WebSocket } from 'ws'
 import type { Config, ListenerName } from '../config/schema.js'
 import { createLogger, type Logger } from '../observability/logger.js'
@@ -9,7 +9,7 @@ import { Metrics } from '../observability/metrics.js'
 import { SysPublisher } from '../observability/sys.js'
 import { prepareDataDir } from '../store/data-dir.js'
 import { openStore } from '../store/open.js'
-import { LevelPersistence } from '../store/persistence.js'
+import { LevelPersistence, type JournalPacket } from '../store/persistence.js'
 import { listenHttp } from '../transport/http.js'
 import type { Listener } from '../transport/listener.js'
 import { meterConnection, PacketTooLargeError, MalformedFramingError, type MeteredConnection } from '../transport/packet-meter.js'
@@ -46,6 +46,8 @@ export interface BrokerOptions {
 interface ConnectInfo { clientId: string, clean: boolean, version: number }
 
 const IDENTIFIER_REJECTED = 2
+/** The journal key of an inbound QoS 1 PUBLISH, set in authorizePublish, read in published (same packet object). */
+const JOURNAL_KEY = Symbol('ferrymq.journalKey')
 
 export function createBroker (config: Config, options: BrokerOptions = {}): Broker {
   return new FerryBroker(config, options)
@@ -100,7 +102,8 @@ class FerryBroker implements Broker {
       maxClientsIdLength: 23, // MQTT 3.1's own limit; 3.1.1 is checked in authenticate
       preConnect: (client, packet, done) => this.preConnect(client, packet, done),
       authenticate: (client, _username, _password, done) => this.authenticate(client, done),
-      authorizePublish: (client, packet, done) => this.authorizePublish(client, packet.topic, done),
+      authorizePublish: (client, packet, done) => this.authorizePublish(client, packet, done),
+      published: (packet, _client, done) => this.published(packet, done),
       authorizeSubscribe: (client, sub, done) => this.authorizeSubscribe(client, sub, done),
       authorizeForward: (client, packet) => this.authorizeForward(client, packet),
     })
@@ -125,6 +128,7 @@ class FerryBroker implements Broker {
     this.aedes = this.createAedes(this.persistence)
     try {
       await this.aedes.listen()
+      if (this.persistence !== null) await this.replayJournal(this.aedes, this.persistence)
       await this.openListeners(tls)
     } catch (err) {
       await this.close()
@@ -253,15 +257,53 @@ class FerryBroker implements Broker {
     done(null, true)
   }
 
-  private authorizePublish (client: Client | null, topic: string, done: (err?: Error | null) => void): void {
+  private authorizePublish (client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void {
     if (client === null) return done(null) // the broker's own messages ($SYS, wills)
+    const topic = packet.topic
     const problem = topicNameProblem(topic, this.config.limits) ??
       (topic.startsWith('$SYS/') || topic === '$SYS' ? 'topic $SYS is reserved for the broker' : null)
     if (problem !== null) {
       this.metrics.messagesDropped.inc({ reason: 'invalid_topic' })
       return done(new Error(`PUBLISH refused: ${problem}`))
     }
+    // aedes sends the QoS 1 PUBACK as soon as this returns, before its pipeline stores anything:
+    // journal the message first, so an acknowledged message survives a crash in between.
+    // (QoS 2 needs none of this: aedes sends PUBREC only after the pipeline.)
+    if (packet.qos !== 1 || this.persistence === null) return done(null)
+    this.persistence.journalAppend(packet as JournalPacket).then((entryKey) => {
+      (packet as unknown as Record<symbol, Buffer>)[JOURNAL_KEY] = entryKey
+      done(null)
+    }, (err: Error) => {
+      this.metrics.storeWriteErrors.inc()
+      this.logger.error({ clientId: client.id, topic, err: err.message }, 'store write failed: QoS 1 message not acknowledged, client disconnected')
+      done(new Error(`store write failed: ${err.message}`))
+    })
+  }
+
+  /** aedes' last pipeline step: the message's retained and queue copies are stored, so its journal entry can go. */
+  private published (packet: AedesPublishPacket, done: (err?: Error | null) => void): void {
+    const entryKey = (packet as unknown as Record<symbol, Buffer | undefined>)[JOURNAL_KEY]
+    if (entryKey !== undefined && this.persistence !== null) {
+      this.persistence.journalDelete(entryKey).catch((err: Error) => {
+        // Left in the journal, the message is published again at the next start: a duplicate, not a loss.
+        this.logger.warn({ err: err.message }, 'journal entry not deleted; it will be replayed at the next start')
+      })
+    }
     done(null)
+  }
+
+  /** Publishes again what was acknowledged but not stored before the last stop (at-least-once), then forgets it. */
+  private async replayJournal (aedes: Aedes, persistence: LevelPersistence): Promise<void> {
+    let replayed = 0
+    for await (const { key, packet } of persistence.journalEntries()) {
+      await new Promise<void>((resolve, reject) => aedes.publish(packet as unknown as PublishPacket, (err?: Error | null) => (err ? reject(err) : resolve())))
+      await persistence.journalDelete(key)
+      replayed++
+    }
+    if (replayed > 0) {
+      this.metrics.journalReplayed.inc(replayed)
+      this.logger.info({ replayed }, 'published again the messages acknowledged but not stored before the last stop')
+    }
   }
 
   private authorizeSubscribe<S extends { topic: string }> (_client: Client, sub: S, done: (err: Error | null, sub?: S | null) => void): void {

@@ -13,6 +13,8 @@ export class Metrics {
   readonly networkBytesReceived = new Counter({ name: 'ferrymq_network_bytes_received_total', help: 'MQTT bytes read from all connections', registers: [this.registry] })
   readonly networkBytesSent = new Counter({ name: 'ferrymq_network_bytes_sent_total', help: 'MQTT bytes written to all connections', registers: [this.registry] })
   readonly messagesDropped = new Counter({ name: 'ferrymq_messages_dropped_total', help: 'Messages the broker refused or could not deliver, by reason', labelNames: ['reason'] as const, registers: [this.registry] })
+  readonly storeWriteErrors = new Counter({ name: 'ferrymq_store_write_errors_total', help: 'Store writes that failed; the message they carried was not acknowledged', registers: [this.registry] })
+  readonly journalReplayed = new Counter({ name: 'ferrymq_journal_replayed_total', help: 'Inbound messages acknowledged before a crash and published again at start-up from the journal', registers: [this.registry] })
   readonly protocolErrors = new Counter({ name: 'ferrymq_protocol_errors_total', help: 'Connections closed for a protocol violation or limit, by reason', labelNames: ['reason'] as const, registers: [this.registry] })
   readonly clientsConnected: Gauge
   readonly subscriptions: Gauge

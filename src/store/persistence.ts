@@ -15,6 +15,7 @@ import { sublevelOf, type StoreOp, type Sublevel } from './writer.js'
  *   o  outgoing    str(client) ‖ u64(seq) → packet (a PUBLISH, later possibly a PUBREL)
  *   q  by identity str(client) ‖ str(brokerId) ‖ u64(brokerCounter) → u64(seq)
  *   O  by msg id   str(client) ‖ u16(messageId) → u64(seq)
+ *   J  journal     u64(seq) → inbound PUBLISH acknowledged before aedes stored it (FerryMQ's)
  *   i  incoming    str(client) ‖ u16(messageId) → packet (inbound QoS 2)
  *   w  wills       utf8(client) → will packet
  *
@@ -103,6 +104,7 @@ export class LevelPersistence {
   readonly #byMessageId: Sublevel
   readonly #incoming: Sublevel
   readonly #wills: Sublevel
+  readonly #journal: Sublevel
   #broker: PersistenceBroker | undefined
   /** client id → (filter → record): the in-memory mirror of sublevel `s`. */
   readonly #clientSubs = new Map<string, Map<string, SubRecord>>()
@@ -130,6 +132,7 @@ export class LevelPersistence {
     this.#byMessageId = sub('O')
     this.#incoming = sub('i')
     this.#wills = sub('w')
+    this.#journal = sub('J')
   }
 
   /** The broker given to setup() (the abstract suite reads `broker.id`). */
@@ -503,6 +506,34 @@ export class LevelPersistence {
     return Readable.from(orphaned())
   }
 
+  // ---- inbound journal (FerryMQ's, not part of the aedes interface) ----------------------------
+
+  /**
+   * Durably records an inbound PUBLISH that is about to be acknowledged, before aedes' publish
+   * pipeline has stored its copies (aedes sends the QoS 1 PUBACK first). Returns the entry's key;
+   * delete it with journalDelete() once the pipeline's writes are durable. Keys follow the
+   * persistence's own sequence, so replay keeps arrival order.
+   */
+  async journalAppend (packet: JournalPacket): Promise<Buffer> {
+    const ops: StoreOp[] = []
+    const { first, reservation } = this.#allocate(1, ops)
+    const entryKey = u64(first)
+    const { cmd, topic, payload, qos, retain, properties, messageExpiry } = packet
+    ops.push({ type: 'put', sublevel: this.#journal, key: entryKey, value: encode({ cmd, topic, payload, qos, retain, properties, messageExpiry }) })
+    await this.#write(ops, reservation)
+    return entryKey
+  }
+
+  /** Forgets a journal entry (its message is stored wherever it had to be). */
+  async journalDelete (entryKey: Buffer): Promise<void> {
+    await this.#write([{ type: 'del', sublevel: this.#journal, key: entryKey }])
+  }
+
+  /** Entries left by a process that stopped between acknowledging and storing, oldest first. */
+  async * journalEntries (): AsyncGenerator<{ key: Buffer, packet: JournalPacket }> {
+    for await (const [entryKey, value] of this.#journal.iterator()) yield { key: entryKey, packet: decode<JournalPacket>(value) }
+  }
+
   // ---- lifecycle ------------------------------------------------------------------------------
 
   /**
@@ -526,6 +557,17 @@ export class LevelPersistence {
     await this.#store.writer.write(ops)
     if (reservation !== undefined && reservation > this.#durableReserved) this.#durableReserved = reservation
   }
+}
+
+/** What the inbound journal keeps of a PUBLISH: enough to publish it again. */
+export interface JournalPacket {
+  cmd: 'publish'
+  topic: string
+  payload: Buffer | string
+  qos: 0 | 1 | 2
+  retain: boolean
+  properties?: Record<string, unknown>
+  messageExpiry?: number
 }
 
 /** The per-client record of a subscription: the fields the in-memory store keeps, and only those present. */
