@@ -1,5 +1,4 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { createServer } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { withTimeout } from './clients.js'
 
@@ -7,13 +6,7 @@ import { withTimeout } from './clients.js'
 export const CLI = fileURLToPath(new URL('../../dist/cli.js', import.meta.url))
 
 /** A port that was free a moment ago on 127.0.0.1 (for child processes, which take explicit ports). */
-export async function freePort (): Promise<number> {
-  const server = createServer()
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const { port } = server.address() as { port: number }
-  await new Promise((resolve) => server.close(resolve))
-  return port
-}
+export { freePort } from '../../bench/peers.js'
 
 export interface BrokerProcess {
   proc: ChildProcess
