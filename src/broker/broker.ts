@@ -65,6 +65,8 @@ class FerryBroker implements Broker {
   private readonly meters = new WeakMap<object, MeteredConnection>()
   /** Clients already logged as slow since they connected, so a flood of drops logs once. */
   private readonly slowLogged = new WeakSet<object>()
+  /** When each full session queue was last logged (at most one line per client per 10 s). */
+  private readonly queueFullLogged = new Map<string, number>()
   private readonly sys: SysPublisher
   private started = false
   private closing: Promise<void> | null = null
@@ -122,7 +124,10 @@ class FerryBroker implements Broker {
     const dataDir = prepareDataDir(config.storage)
     const tls = config.tls === undefined ? undefined : loadTlsMaterial(config.tls)
     if (dataDir !== null && config.storage.durability !== 'memory') {
-      this.persistence = new LevelPersistence(await openStore(dataDir, config.storage.durability))
+      this.persistence = new LevelPersistence(await openStore(dataDir, config.storage.durability), {
+        maxQueuedMessages: config.limits.maxQueuedMessages,
+        onQueueFull: (clientId, limit) => this.queueFull(clientId, limit),
+      })
       logger.info({ dataDir, durability: config.storage.durability }, 'store opened')
     }
     this.aedes = this.createAedes(this.persistence)
@@ -332,6 +337,16 @@ class FerryBroker implements Broker {
       return packet
     }
     return this.capQoS(client, packet)
+  }
+
+  /** A persistent session's queue is at limits.maxQueuedMessages: the new message is not queued for it. */
+  private queueFull (clientId: string, limit: number): void {
+    this.metrics.messagesDropped.inc({ reason: 'queue_full' })
+    const now = Date.now()
+    const last = this.queueFullLogged.get(clientId)
+    if (last !== undefined && now - last < 10_000) return
+    this.queueFullLogged.set(clientId, now)
+    this.logger.warn({ clientId, maxQueuedMessages: limit }, 'session queue full (limits.maxQueuedMessages): new messages for it are dropped and counted')
   }
 
   /** Logs a slow subscriber once per connection; true the first time. */

@@ -91,11 +91,22 @@ export interface LevelPersistenceOptions {
    * other users of the same database (inbound journal, bridge outboxes) and closed by its owner.
    */
   closeStoreOnDestroy?: boolean
+  /**
+   * Most messages one client's queue holds (limits.maxQueuedMessages). A message for a full queue
+   * is not queued for that client (the newest is dropped, so what is queued keeps its order) and
+   * `onQueueFull` is told, so the drop is counted and logged, never silent. Default: no limit.
+   */
+  maxQueuedMessages?: number
+  onQueueFull? (clientId: string, limit: number): void
 }
 
 export class LevelPersistence {
   readonly #store: Store
   readonly #closeStoreOnDestroy: boolean
+  readonly #maxQueued: number
+  readonly #onQueueFull: (clientId: string, limit: number) => void
+  /** Entries in each client's queue (sublevel `o`), counted at setup and kept up to date. */
+  readonly #queued = new Map<string, number>()
   readonly #meta: Sublevel
   readonly #retained: Sublevel
   readonly #subs: Sublevel
@@ -123,6 +134,8 @@ export class LevelPersistence {
   constructor (store: Store, options: LevelPersistenceOptions = {}) {
     this.#store = store
     this.#closeStoreOnDestroy = options.closeStoreOnDestroy ?? true
+    this.#maxQueued = options.maxQueuedMessages ?? Infinity
+    this.#onQueueFull = options.onQueueFull ?? (() => {})
     const sub = (name: string): Sublevel => sublevelOf(store.db, name)
     this.#meta = sub(META)
     this.#retained = sub('r')
@@ -149,6 +162,16 @@ export class LevelPersistence {
       const [clientId, filter] = splitFirst(k)
       this.#applyAdd(clientId, [{ topic: filter.toString('utf8'), ...decode<SubRecord>(v) }])
     }
+    // Queue lengths by a key scan: O(messages queued). Persisted counters would make it O(1).
+    for await (const k of this.#outgoing.keys()) {
+      const clientId = splitFirst(k)[0]
+      this.#queued.set(clientId, (this.#queued.get(clientId) ?? 0) + 1)
+    }
+  }
+
+  /** Messages queued for `clientId` now (tests, metrics). */
+  queuedMessages (clientId: string): number {
+    return this.#queued.get(clientId) ?? 0
   }
 
   // ---- retained -------------------------------------------------------------------------------
@@ -308,19 +331,34 @@ export class LevelPersistence {
 
   /** Appends one copy of `packet` to the queue of each subscription's client, in one batch. */
   async outgoingEnqueueCombi (subs: Array<{ clientId: string }>, packet: PacketLike): Promise<void> {
-    if (subs.length === 0) return
+    const accepted = subs.filter(({ clientId }) => {
+      const n = this.#queued.get(clientId) ?? 0
+      if (n >= this.#maxQueued) {
+        this.#onQueueFull(clientId, this.#maxQueued)
+        return false
+      }
+      // Counted now, not after the write, so concurrent enqueues cannot overshoot the limit.
+      this.#queued.set(clientId, n + 1)
+      return true
+    })
+    if (accepted.length === 0) return
     const stored = new AedesPacket(packet)
     const value = encode(stored)
     const ops: StoreOp[] = []
-    const { first, reservation } = this.#allocate(subs.length, ops)
+    const { first, reservation } = this.#allocate(accepted.length, ops)
     let seq = first
-    for (const { clientId } of subs) {
+    for (const { clientId } of accepted) {
       const seqKey = u64(seq++)
       ops.push({ type: 'put', sublevel: this.#outgoing, key: key(str(clientId), seqKey), value })
       const idKey = this.#identityKey(clientId, stored)
       if (idKey !== undefined) ops.push({ type: 'put', sublevel: this.#byIdentity, key: idKey, value: seqKey })
     }
-    await this.#write(ops, reservation)
+    try {
+      await this.#write(ops, reservation)
+    } catch (err) {
+      for (const { clientId } of accepted) this.#queued.set(clientId, (this.#queued.get(clientId) ?? 1) - 1)
+      throw err
+    }
   }
 
   /**
@@ -385,6 +423,11 @@ export class LevelPersistence {
       if (idKey !== undefined) ops.push({ type: 'del', sublevel: this.#byIdentity, key: idKey })
     }
     await this.#write(ops)
+    if (entry !== undefined) {
+      const n = (this.#queued.get(client.id) ?? 1) - 1
+      if (n > 0) this.#queued.set(client.id, n)
+      else this.#queued.delete(client.id)
+    }
     return entry
   }
 
