@@ -71,6 +71,7 @@ class FerryBroker implements Broker {
   private started = false
   private closing: Promise<void> | null = null
   private atConnectionLimit = false
+  private expiryTimer: NodeJS.Timeout | null = null
   ready = false
 
   constructor (readonly config: Config, private readonly options: BrokerOptions) {
@@ -133,7 +134,10 @@ class FerryBroker implements Broker {
     this.aedes = this.createAedes(this.persistence)
     try {
       await this.aedes.listen()
-      if (this.persistence !== null) await this.replayJournal(this.aedes, this.persistence)
+      if (this.persistence !== null) {
+        await this.replayJournal(this.aedes, this.persistence)
+        await this.startSessionExpiry(this.aedes, this.persistence)
+      }
       await this.openListeners(tls)
     } catch (err) {
       await this.close()
@@ -155,6 +159,7 @@ class FerryBroker implements Broker {
   private async shutdown (): Promise<void> {
     this.ready = false
     this.sys.stop()
+    if (this.expiryTimer !== null) clearInterval(this.expiryTimer)
     // Stop accepting first, then close the clients aedes knows, then any socket that never sent
     // CONNECT; the store closes last, once its writer has finished what is queued.
     const listenersClosed = Promise.all([...this.listeners.values()].map((l) => l.close()))
@@ -295,6 +300,38 @@ class FerryBroker implements Broker {
       })
     }
     done(null)
+  }
+
+  /**
+   * Ends persistent sessions whose client has been away for limits.sessionExpirySeconds: now (for
+   * what expired while the broker was down), then on a timer. aedes keeps sessions forever.
+   */
+  private async startSessionExpiry (aedes: Aedes, persistence: LevelPersistence): Promise<void> {
+    const seconds = this.config.limits.sessionExpirySeconds
+    const clients = (aedes as unknown as { clients: Record<string, Client> }).clients
+    aedes.on('clientReady', (client) => {
+      if (!client.clean) persistence.sessionConnected(client.id).catch((err: Error) => this.logger.warn({ err: err.message }, 'session record not updated'))
+    })
+    aedes.on('clientDisconnect', (client) => {
+      // At shutdown every client goes; those sessions are recorded at the next start instead.
+      if (!client.clean && this.closing === null) {
+        persistence.sessionDisconnected(client.id, Date.now()).catch((err: Error) => this.logger.warn({ err: err.message }, 'session record not updated'))
+      }
+    })
+    if (seconds === 0) return
+    const sweep = async (): Promise<void> => {
+      const now = Date.now()
+      const ended = await persistence.expireSessions(now - seconds * 1000, now, (id) => clients[id] !== undefined)
+      if (ended.length > 0) {
+        this.metrics.sessionsExpired.inc(ended.length)
+        this.logger.info({ sessions: ended.length, sessionExpirySeconds: seconds }, 'expired persistent sessions whose clients stayed away')
+      }
+    }
+    await sweep()
+    this.expiryTimer = setInterval(() => {
+      sweep().catch((err: Error) => this.logger.error({ err: err.message }, 'session expiry sweep failed'))
+    }, Math.min(seconds * 500, 3_600_000))
+    this.expiryTimer.unref()
   }
 
   /** Publishes again what was acknowledged but not stored before the last stop (at-least-once), then forgets it. */

@@ -67,6 +67,11 @@ const limitsSchema = z.strictObject({
    * delivery closes the connection: a persistent session keeps the message queued for its return.
    */
   maxClientBufferBytes: positiveInt('a size in bytes', 65_536, 4_294_967_295, 8_388_608),
+  /**
+   * A persistent (CleanSession = 0) session whose client has been away this long ends: its
+   * subscriptions and queued messages are removed. 0 keeps sessions forever. (Durability fsync/os.)
+   */
+  sessionExpirySeconds: positiveInt('seconds', 0, 315_360_000, 604_800),
   /** Concurrent connections over all listeners; further sockets are closed at once. */
   maxConnections: positiveInt('a connection count', 1, 1_000_000, 10_000),
   /** Longest client identifier accepted from MQTT 3.1.1 clients (MQTT 3.1 keeps its own 23). */

@@ -15,6 +15,7 @@ export class Metrics {
   readonly messagesDropped = new Counter({ name: 'ferrymq_messages_dropped_total', help: 'Messages the broker refused or could not deliver, by reason', labelNames: ['reason'] as const, registers: [this.registry] })
   readonly storeWriteErrors = new Counter({ name: 'ferrymq_store_write_errors_total', help: 'Store writes that failed; the message they carried was not acknowledged', registers: [this.registry] })
   readonly journalReplayed = new Counter({ name: 'ferrymq_journal_replayed_total', help: 'Inbound messages acknowledged before a crash and published again at start-up from the journal', registers: [this.registry] })
+  readonly sessionsExpired = new Counter({ name: 'ferrymq_sessions_expired_total', help: 'Persistent sessions ended by limits.sessionExpirySeconds', registers: [this.registry] })
   readonly protocolErrors = new Counter({ name: 'ferrymq_protocol_errors_total', help: 'Connections closed for a protocol violation or limit, by reason', labelNames: ['reason'] as const, registers: [this.registry] })
   readonly clientsConnected: Gauge
   readonly subscriptions: Gauge

@@ -16,6 +16,7 @@ import { sublevelOf, type StoreOp, type Sublevel } from './writer.js'
  *   q  by identity str(client) ‖ str(brokerId) ‖ u64(brokerCounter) → u64(seq)
  *   O  by msg id   str(client) ‖ u16(messageId) → u64(seq)
  *   J  journal     u64(seq) → inbound PUBLISH acknowledged before aedes stored it (FerryMQ's)
+ *   e  sessions    str(client) → u64(ms since epoch its client went away) (FerryMQ's, for expiry)
  *   i  incoming    str(client) ‖ u16(messageId) → packet (inbound QoS 2)
  *   w  wills       utf8(client) → will packet
  *
@@ -116,6 +117,7 @@ export class LevelPersistence {
   readonly #incoming: Sublevel
   readonly #wills: Sublevel
   readonly #journal: Sublevel
+  readonly #sessions: Sublevel
   #broker: PersistenceBroker | undefined
   /** client id → (filter → record): the in-memory mirror of sublevel `s`. */
   readonly #clientSubs = new Map<string, Map<string, SubRecord>>()
@@ -146,6 +148,7 @@ export class LevelPersistence {
     this.#incoming = sub('i')
     this.#wills = sub('w')
     this.#journal = sub('J')
+    this.#sessions = sub('e')
   }
 
   /** The broker given to setup() (the abstract suite reads `broker.id`). */
@@ -575,6 +578,52 @@ export class LevelPersistence {
   /** Entries left by a process that stopped between acknowledging and storing, oldest first. */
   async * journalEntries (): AsyncGenerator<{ key: Buffer, packet: JournalPacket }> {
     for await (const [entryKey, value] of this.#journal.iterator()) yield { key: entryKey, packet: decode<JournalPacket>(value) }
+  }
+
+  // ---- session expiry (FerryMQ's) --------------------------------------------------------------
+
+  /** Records when a persistent session's client went away (ms since the epoch). */
+  async sessionDisconnected (clientId: string, at: number): Promise<void> {
+    await this.#write([{ type: 'put', sublevel: this.#sessions, key: str(clientId), value: u64(at) }])
+  }
+
+  /** The session's client is back: it is no longer counting down. */
+  async sessionConnected (clientId: string): Promise<void> {
+    await this.#write([{ type: 'del', sublevel: this.#sessions, key: str(clientId) }])
+  }
+
+  /**
+   * Ends every stored session whose client has been away since before `before`: its
+   * subscriptions, queue and incoming QoS 2 state go, in one batch per session. A stored session
+   * with no record and not `connected` (its client was online when the process stopped) is
+   * recorded as away from `now`. Returns the client ids whose sessions ended.
+   */
+  async expireSessions (before: number, now: number, connected: (clientId: string) => boolean): Promise<string[]> {
+    const away = new Map<string, number>()
+    for await (const [k, v] of this.#sessions.iterator()) away.set(splitFirst(k)[0], readU64(v))
+    for (const clientId of new Set([...this.#clientSubs.keys(), ...this.#queued.keys()])) {
+      if (!away.has(clientId) && !connected(clientId)) {
+        await this.sessionDisconnected(clientId, now)
+        away.set(clientId, now)
+      }
+    }
+    const ended: string[] = []
+    for (const [clientId, at] of away) {
+      if (at >= before || connected(clientId)) continue
+      await this.#withSubLock(clientId, async () => {
+        const topics = [...(this.#clientSubs.get(clientId)?.keys() ?? [])]
+        const ops: StoreOp[] = topics.map((t): StoreOp => ({ type: 'del', sublevel: this.#subs, key: this.#subKey(clientId, t) }))
+        for (const sublevel of [this.#outgoing, this.#byIdentity, this.#byMessageId, this.#incoming]) {
+          for await (const k of sublevel.keys(this.#clientRange(clientId))) ops.push({ type: 'del', sublevel, key: k })
+        }
+        ops.push({ type: 'del', sublevel: this.#sessions, key: str(clientId) })
+        await this.#write(ops)
+        this.#applyRemove(clientId, topics)
+        this.#queued.delete(clientId)
+      })
+      ended.push(clientId)
+    }
+    return ended
   }
 
   // ---- lifecycle ------------------------------------------------------------------------------

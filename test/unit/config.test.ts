@@ -47,6 +47,7 @@ const DEFAULTS = {
     connectTimeoutMs: 10_000,
     drainTimeoutMs: 10_000,
     maxClientBufferBytes: 8_388_608,
+    sessionExpirySeconds: 604_800,
     maxConnections: 10_000,
     maxClientIdLength: 256,
     maxTopicLevels: 100,
