@@ -118,6 +118,8 @@ export class LevelPersistence {
   readonly #wills: Sublevel
   readonly #journal: Sublevel
   readonly #sessions: Sublevel
+  /** Per client, the last pending incomingGetPacket lookup: later ones wait for it to settle. */
+  readonly #incomingLookups = new Map<string, Promise<void>>()
   #broker: PersistenceBroker | undefined
   /** client id → (filter → record): the in-memory mirror of sublevel `s`. */
   readonly #clientSubs = new Map<string, Map<string, SubRecord>>()
@@ -489,9 +491,21 @@ export class LevelPersistence {
     await this.#write([{ type: 'put', sublevel: this.#incoming, key: this.#incomingKey(client.id, packet), value: encode(stored) }])
   }
 
-  /** The stored inbound packet; rejects `no such packet` when absent (aedes reads that as "new"). */
+  /**
+   * The stored inbound packet; rejects `no such packet` when absent (aedes reads that as "new").
+   * Answers for one client resolve in the order they were asked: aedes handles a socket read's
+   * packets concurrently and publishes each QoS 2 message when its lookup settles, so lookups
+   * that overtake each other would reorder that publisher's messages.
+   */
   async incomingGetPacket (client: PersistenceClient, packet: { messageId?: number }): Promise<PacketLike> {
-    const v = await this.#incoming.get(this.#incomingKey(client.id, packet))
+    const lookup = this.#incoming.get(this.#incomingKey(client.id, packet))
+    const previous = this.#incomingLookups.get(client.id)
+    const settled = lookup.then(() => {}, () => {})
+    const turn = previous === undefined ? settled : previous.then(() => settled)
+    this.#incomingLookups.set(client.id, turn)
+    await turn
+    if (this.#incomingLookups.get(client.id) === turn) this.#incomingLookups.delete(client.id)
+    const v = await lookup
     if (v === undefined) throw new Error('no such packet')
     return decode<PacketLike>(v)
   }
