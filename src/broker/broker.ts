@@ -278,7 +278,7 @@ class FerryBroker implements Broker {
     }
     // aedes sends the QoS 1 PUBACK as soon as this returns, before its pipeline stores anything:
     // journal the message first, so an acknowledged message survives a crash in between.
-    // (QoS 2 needs none of this: aedes sends PUBREC only after the pipeline.)
+    // (QoS 2 is acknowledged only after the pipeline; LevelPersistence marks it queued atomically.)
     if (packet.qos !== 1 || this.persistence === null) return done(null)
     this.persistence.journalAppend(packet as JournalPacket).then((entryKey) => {
       (packet as unknown as Record<symbol, Buffer>)[JOURNAL_KEY] = entryKey

@@ -17,6 +17,7 @@ import { sublevelOf, type StoreOp, type Sublevel } from './writer.js'
  *   O  by msg id   str(client) ‖ u16(messageId) → u64(seq)
  *   J  journal     u64(seq) → inbound PUBLISH acknowledged before aedes stored it (FerryMQ's)
  *   e  sessions    str(client) → u64(ms since epoch its client went away) (FerryMQ's, for expiry)
+ *   I  published   str(client) ‖ u16(messageId) → '' : the incoming QoS 2 message was queued (FerryMQ's)
  *   i  incoming    str(client) ‖ u16(messageId) → packet (inbound QoS 2)
  *   w  wills       utf8(client) → will packet
  *
@@ -118,6 +119,15 @@ export class LevelPersistence {
   readonly #wills: Sublevel
   readonly #journal: Sublevel
   readonly #sessions: Sublevel
+  readonly #incomingPublished: Sublevel
+  /** Incoming QoS 2 keys (hex) stored by this process: their publish is known to have run or be running. */
+  readonly #incomingThisRun = new Set<string>()
+  /**
+   * Incoming QoS 2 messages stored but not yet queued, by payload Buffer: aedes' publish pipeline
+   * copies the packet but keeps its payload object, so outgoingEnqueueCombi can recognise the
+   * message and write its `I` mark in the same batch as its queue entries.
+   */
+  readonly #unqueuedIncoming = new WeakMap<object, Buffer>()
   /** Per client, the last pending incomingGetPacket lookup: later ones wait for it to settle. */
   readonly #incomingLookups = new Map<string, Promise<void>>()
   #broker: PersistenceBroker | undefined
@@ -151,6 +161,7 @@ export class LevelPersistence {
     this.#wills = sub('w')
     this.#journal = sub('J')
     this.#sessions = sub('e')
+    this.#incomingPublished = sub('I')
   }
 
   /** The broker given to setup() (the abstract suite reads `broker.id`). */
@@ -346,10 +357,20 @@ export class LevelPersistence {
       this.#queued.set(clientId, n + 1)
       return true
     })
-    if (accepted.length === 0) return
+    const ops: StoreOp[] = []
+    // An incoming QoS 2 message is marked queued in the same batch as its queue entries: after a
+    // crash, a re-sent PUBLISH is a duplicate exactly when this batch was written.
+    const mark = typeof packet.payload === 'object' && packet.payload !== null ? this.#unqueuedIncoming.get(packet.payload) : undefined
+    if (mark !== undefined) {
+      this.#unqueuedIncoming.delete(packet.payload as object)
+      ops.push({ type: 'put', sublevel: this.#incomingPublished, key: mark, value: Buffer.alloc(0) })
+    }
+    if (accepted.length === 0) {
+      await this.#write(ops)
+      return
+    }
     const stored = new AedesPacket(packet)
     const value = encode(stored)
-    const ops: StoreOp[] = []
     const { first, reservation } = this.#allocate(accepted.length, ops)
     let seq = first
     for (const { clientId } of accepted) {
@@ -488,7 +509,10 @@ export class LevelPersistence {
   async incomingStorePacket (client: PersistenceClient, packet: PacketLike): Promise<void> {
     const stored = new AedesPacket(packet)
     stored.messageId = packet.messageId
-    await this.#write([{ type: 'put', sublevel: this.#incoming, key: this.#incomingKey(client.id, packet), value: encode(stored) }])
+    const k = this.#incomingKey(client.id, packet)
+    await this.#write([{ type: 'put', sublevel: this.#incoming, key: k, value: encode(stored) }])
+    this.#incomingThisRun.add(k.toString('hex'))
+    if (typeof packet.payload === 'object' && packet.payload !== null) this.#unqueuedIncoming.set(packet.payload, k)
   }
 
   /**
@@ -507,21 +531,30 @@ export class LevelPersistence {
     if (this.#incomingLookups.get(client.id) === turn) this.#incomingLookups.delete(client.id)
     const v = await lookup
     if (v === undefined) throw new Error('no such packet')
+    const k = this.#incomingKey(client.id, packet)
+    if (!this.#incomingThisRun.has(k.toString('hex')) && await this.#incomingPublished.get(k) === undefined) {
+      // Stored by a process that died before the message was queued (no mark): aedes would answer
+      // the client's re-send with PUBREC and never publish it. Reported absent, it is published now.
+      throw new Error('no such packet')
+    }
     return decode<PacketLike>(v)
   }
+
 
   /** Deletes a stored inbound packet; rejects `no such packet` when absent, as the in-memory store does. */
   async incomingDelPacket (client: PersistenceClient, packet: { messageId?: number }): Promise<void> {
     const k = this.#incomingKey(client.id, packet)
     if (await this.#incoming.get(k) === undefined) throw new Error('no such packet')
-    await this.#write([{ type: 'del', sublevel: this.#incoming, key: k }])
+    await this.#write([{ type: 'del', sublevel: this.#incoming, key: k }, { type: 'del', sublevel: this.#incomingPublished, key: k }])
+    this.#incomingThisRun.delete(k.toString('hex'))
   }
 
   /** Deletes every inbound packet of the client (and only that client). */
   async cleanIncoming (client: PersistenceClient): Promise<void> {
     const ops: StoreOp[] = []
     for await (const k of this.#incoming.keys(this.#clientRange(client.id))) {
-      ops.push({ type: 'del', sublevel: this.#incoming, key: k })
+      ops.push({ type: 'del', sublevel: this.#incoming, key: k }, { type: 'del', sublevel: this.#incomingPublished, key: k })
+      this.#incomingThisRun.delete(k.toString('hex'))
     }
     await this.#write(ops)
   }

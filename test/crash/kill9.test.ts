@@ -39,11 +39,9 @@ const MAX_MESSAGES = 60_000
 const SUBSCRIBER = 'crash-sub'
 /**
  * Whether QoS 2 publishers re-send their unacknowledged PUBLISHes after the restart, as
- * [MQTT-4.4.0-1] asks. Off: a re-sent PUBLISH that the killed broker had stored (`i`) but not yet
- * queued is answered PUBREC and never delivered (see the it.fails test below), so with it on, the
- * rounds lose acknowledged messages. Turn on once that is fixed.
+ * [MQTT-4.4.0-1] asks (a message stored but not queued when killed must then be published).
  */
-const RESEND_UNACKED_QOS2 = false
+const RESEND_UNACKED_QOS2 = true
 /**
  * Whether the per-publisher order check covers the QoS 2 publishers too. Off: without a crash
  * QoS 2 order now holds (the last test below), but across a kill an inversion still shows up now
@@ -579,14 +577,13 @@ describe('kill -9 with --durability fsync: state at rest and QoS 2 handshakes', 
     await kill9(broker)
   })
 
-  // KNOWN BUG (it.fails: passes while the bug is there; turn into it() once fixed). aedes stores an
-  // inbound QoS 2 PUBLISH (`i` sublevel), then publishes (queues) it, then sends PUBREC; a re-sent
-  // PUBLISH whose id is already in `i` is taken for a duplicate and answered PUBREC without being
-  // published. A kill -9 between the two writes leaves exactly that state: the client, which never
-  // got PUBREC, re-sends the PUBLISH after the restart ([MQTT-4.4.0-1]), gets PUBREC, and the
-  // message is never delivered. The load rounds hit this every run with RESEND_UNACKED_QOS2 on.
-  // The state the kill leaves is written here directly, so the test is deterministic.
-  it.fails('KNOWN BUG: an inbound QoS 2 PUBLISH stored but not yet queued when killed is acknowledged on re-send and never delivered', async () => {
+  // aedes stores an inbound QoS 2 PUBLISH (`i` sublevel), then publishes (queues) it, then sends
+  // PUBREC; a re-sent PUBLISH whose id is already in `i` is taken for a duplicate and answered
+  // PUBREC without being published. A kill -9 between the two writes left exactly that state, and
+  // the message was acknowledged and never delivered. FerryMQ now marks an `i` entry once it is
+  // queued (`I` sublevel) and reports unmarked entries from an earlier process as absent, so the
+  // re-send is published. The state the kill leaves is written here directly (deterministic).
+  it('an inbound QoS 2 PUBLISH stored but not yet queued when killed is published when the client re-sends it', async () => {
     const dir = dataDir()
     const port = await freePort()
     const url = `mqtt://127.0.0.1:${port}`

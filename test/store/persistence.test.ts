@@ -236,12 +236,21 @@ describe('LevelPersistence: subscriptions, incoming, wills across a reopen', () 
   it('keeps inbound QoS 2 packets and wills', async () => {
     const dir = tempDir()
     let p = await open(dir, 'old-broker')
-    await p.incomingStorePacket({ id: 'c' }, publish('in', 'q2', { qos: 2, messageId: 0xfffe }))
-    await p.incomingStorePacket({ id: 'cc' }, publish('in', 'other', { qos: 2, messageId: 0xfffe }))
+    const q2 = publish('in', 'q2', { qos: 2, messageId: 0xfffe })
+    const other = publish('in', 'other', { qos: 2, messageId: 0xfffe })
+    await p.incomingStorePacket({ id: 'c' }, q2)
+    await p.incomingStorePacket({ id: 'cc' }, other)
+    // aedes' pipeline queues a copy that keeps the payload object: that marks the message queued.
+    await p.outgoingEnqueueCombi([], { ...q2 })
+    await p.outgoingEnqueueCombi([{ clientId: 'sub' }], { ...other })
+    await p.incomingStorePacket({ id: 'c' }, publish('in', 'never queued', { qos: 2, messageId: 7 }))
     await p.putWill({ id: 'c' }, { topic: 'will/c', payload: Buffer.from('bye'), qos: 1, retain: false })
+    expect(String((await p.incomingGetPacket({ id: 'c' }, { messageId: 7 })).payload)).toBe('never queued')
     await p.destroy()
 
     p = await open(dir, 'new-broker')
+    // Stored by a process that died before queueing it: reported absent, so a re-send is published.
+    await expect(p.incomingGetPacket({ id: 'c' }, { messageId: 7 })).rejects.toThrow('no such packet')
     expect(String((await p.incomingGetPacket({ id: 'c' }, { messageId: 0xfffe })).payload)).toBe('q2')
     await p.cleanIncoming({ id: 'c' })
     await expect(p.incomingGetPacket({ id: 'c' }, { messageId: 0xfffe })).rejects.toThrow('no such packet')
