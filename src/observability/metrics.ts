@@ -1,4 +1,16 @@
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client'
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+
+/** Where the store gauges read from (absent for `durability: memory`). */
+export interface StoreSources {
+  /** Bytes of the store's files on disk (quarantined copies not included). */
+  sizeBytes (): Promise<number>
+  /** 1 while the store takes writes, 0 from a failed write until it has recovered. */
+  available (): number
+  /** Inbound messages acknowledged and journaled whose copies are not all stored yet. */
+  journalDepth (): number
+  /** Messages and bytes waiting in every persistent session's queue. */
+  queued (): { messages: number, bytes: number }
+}
 
 /** Every Prometheus metric FerryMQ exports, on its own registry so brokers in one process stay apart. */
 export class Metrics {
@@ -17,11 +29,17 @@ export class Metrics {
   readonly journalReplayed = new Counter({ name: 'ferrymq_journal_replayed_total', help: 'Inbound messages acknowledged before a crash and published again at start-up from the journal', registers: [this.registry] })
   readonly sessionsExpired = new Counter({ name: 'ferrymq_sessions_expired_total', help: 'Persistent sessions ended by limits.sessionExpirySeconds', registers: [this.registry] })
   readonly protocolErrors = new Counter({ name: 'ferrymq_protocol_errors_total', help: 'Connections closed for a protocol violation or limit, by reason', labelNames: ['reason'] as const, registers: [this.registry] })
+  readonly storeBatches = new Counter({ name: 'ferrymq_store_batches_total', help: 'Batches the group-commit writer wrote to LevelDB', registers: [this.registry] })
+  readonly storeWrites = new Counter({ name: 'ferrymq_store_writes_total', help: 'Store writes (persistence calls) written; several share a batch', registers: [this.registry] })
+  readonly storeBatchOps = new Histogram({ name: 'ferrymq_store_batch_operations', help: 'LevelDB operations per batch', buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096], registers: [this.registry] })
+  readonly storeBatchSeconds = new Histogram({ name: 'ferrymq_store_batch_seconds', help: 'Time to write one batch (with durability fsync: the fsync latency)', buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1], registers: [this.registry] })
+  readonly storeRecoveries = new Counter({ name: 'ferrymq_store_recoveries_total', help: 'Times the store took writes again after a write failure', registers: [this.registry] })
+  readonly storeDamaged = new Counter({ name: 'ferrymq_store_damaged_total', help: 'Damaged stores found at start-up, by what was done: repaired, or quarantined (moved aside, started empty)', labelNames: ['action'] as const, registers: [this.registry] })
   readonly clientsConnected: Gauge
   readonly subscriptions: Gauge
   readonly retainedMessages: Gauge
 
-  constructor (sources: { clientsConnected: () => number, subscriptions: () => number, retainedMessages: () => Promise<number> }) {
+  constructor (sources: { clientsConnected: () => number, subscriptions: () => number, retainedMessages: () => Promise<number>, store: () => StoreSources | null }) {
     collectDefaultMetrics({ register: this.registry, prefix: 'ferrymq_' })
     this.clientsConnected = new Gauge({
       name: 'ferrymq_clients_connected',
@@ -40,6 +58,36 @@ export class Metrics {
       help: 'Retained messages stored',
       registers: [this.registry],
       async collect () { this.set(await sources.retainedMessages()) },
+    })
+    new Gauge({
+      name: 'ferrymq_store_size_bytes',
+      help: 'Bytes of the LevelDB store on disk',
+      registers: [this.registry],
+      async collect () { this.set(await sources.store()?.sizeBytes() ?? 0) },
+    })
+    new Gauge({
+      name: 'ferrymq_store_available',
+      help: '1 while the store takes writes; 0 after a write failure until it has recovered (nothing is acknowledged meanwhile)',
+      registers: [this.registry],
+      collect () { this.set(sources.store()?.available() ?? 1) },
+    })
+    new Gauge({
+      name: 'ferrymq_journal_depth',
+      help: 'Inbound QoS 1 messages acknowledged and journaled whose copies are not all stored yet',
+      registers: [this.registry],
+      collect () { this.set(sources.store()?.journalDepth() ?? 0) },
+    })
+    new Gauge({
+      name: 'ferrymq_queued_messages',
+      help: 'Messages waiting in persistent sessions\' queues',
+      registers: [this.registry],
+      collect () { this.set(sources.store()?.queued().messages ?? 0) },
+    })
+    new Gauge({
+      name: 'ferrymq_queued_bytes',
+      help: 'Bytes of the messages waiting in persistent sessions\' queues',
+      registers: [this.registry],
+      collect () { this.set(sources.store()?.queued().bytes ?? 0) },
     })
   }
 }

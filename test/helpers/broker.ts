@@ -1,4 +1,5 @@
-import { createBroker, type Broker } from '../../src/broker/broker.js'
+import { Writable } from 'node:stream'
+import { createBroker, type Broker, type BrokerOptions } from '../../src/broker/broker.js'
 import { loadConfig } from '../../src/config/load.js'
 import type { Config, ListenerName } from '../../src/config/schema.js'
 import { createLogger } from '../../src/observability/logger.js'
@@ -34,7 +35,13 @@ function merge (base: Record<string, unknown>, over: Record<string, unknown>): R
  * Starts a real FerryMQ in this process on ephemeral loopback ports (MQTT, WebSocket, HTTP, and
  * MQTTS/WSS when `tls` is given), in-memory storage, logs off unless FERRYMQ_TEST_LOG is set.
  */
-export async function startBroker (overrides: DeepPartial<Config> = {}): Promise<TestBroker> {
+export interface StartOptions {
+  /** Collects the broker's log lines (parsed JSON) here, at level info and up. */
+  logs?: Array<Record<string, unknown>>
+  storeRetry?: BrokerOptions['storeRetry']
+}
+
+export async function startBroker (overrides: DeepPartial<Config> = {}, options: StartOptions = {}): Promise<TestBroker> {
   const defaults = loadConfig({})
   const local = { port: 0, host: '127.0.0.1' }
   const base = merge(defaults as unknown as Record<string, unknown>, {
@@ -43,9 +50,19 @@ export async function startBroker (overrides: DeepPartial<Config> = {}): Promise
     log: { level: process.env.FERRYMQ_TEST_LOG ?? 'silent' },
   })
   const config = merge(base, overrides as Record<string, unknown>) as unknown as Config
+  const logs = options.logs
+  const logger = logs === undefined
+    ? createLogger(config.log.level, process.stderr)
+    : createLogger('info', new Writable({
+      write (chunk: Buffer, _encoding, callback) {
+        for (const line of chunk.toString('utf8').split('\n')) if (line !== '') logs.push(JSON.parse(line) as Record<string, unknown>)
+        callback()
+      },
+    }))
   const broker = createBroker(config, {
-    logger: createLogger(config.log.level, process.stderr),
+    logger,
     ephemeral: ['mqtt', 'ws', 'http', 'mqtts', 'wss'],
+    ...(options.storeRetry === undefined ? {} : { storeRetry: options.storeRetry }),
   })
   await broker.start()
   const port = (name: ListenerName): number => {

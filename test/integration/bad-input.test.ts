@@ -9,6 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { startBroker, type TestBroker } from '../helpers/broker.js'
 import { collect, connect, endAllClients, eventually, withTimeout } from '../helpers/clients.js'
 import { RawClient } from '../helpers/raw.js'
+import { scrapeMetric } from '../helpers/metrics.js'
 
 /*
  * Bad input gets a clear answer (a CONNACK code, or the connection closed), the broker stays up,
@@ -87,9 +88,7 @@ function payloadFor (topic: string, size: number): number {
 // Observing the broker.
 
 async function metricValue (broker: TestBroker, sample: string): Promise<number> {
-  const text = await (await fetch(`${broker.httpUrl}/metrics`)).text()
-  const line = text.split('\n').find((l) => l.startsWith(`${sample} `))
-  return line === undefined ? 0 : Number(line.slice(sample.length + 1))
+  return await scrapeMetric(broker.httpUrl, sample) ?? 0
 }
 
 const protocolErrors = (broker: TestBroker, reason: string): Promise<number> =>

@@ -6,6 +6,7 @@ import mqttPacket, { type Packet } from 'mqtt-packet'
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest'
 import { collect, connect, endAllClients, eventually, withTimeout } from '../helpers/clients.js'
 import { freePort, spawnCli, type BrokerProcess } from '../helpers/process.js'
+import { scrapeMetric } from '../helpers/metrics.js'
 
 /**
  * 5,000 TCP connections opened at once against the built broker in a child process: each one is
@@ -101,9 +102,7 @@ async function openAtOnce (port: number, n: number, prefix: string): Promise<{ a
 }
 
 async function metric (http: number, name: string): Promise<number | undefined> {
-  const text = await (await fetch(`http://127.0.0.1:${http}/metrics`, { signal: AbortSignal.timeout(5000) })).text()
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `))
-  return line === undefined ? undefined : Number(line.slice(name.length + 1))
+  return await scrapeMetric(`http://127.0.0.1:${http}`, name)
 }
 
 /** A fresh MQTT.js client connects and gets its own message back: the broker serves. */

@@ -39,7 +39,7 @@ describe('GroupCommitWriter', () => {
     await store.close()
   })
 
-  it('rejects every caller of a failing batch and keeps writing later ones', async () => {
+  it('rejects every caller of a failing batch, refuses writes until resume(), then writes again', async () => {
     const written: number[] = []
     let calls = 0
     let release: () => void = () => {}
@@ -63,9 +63,12 @@ describe('GroupCommitWriter', () => {
     const results = await settled
     expect(results.map(r => r.status)).toEqual(['rejected', 'rejected'])
     expect((results[0] as PromiseRejectedResult).reason).toBeInstanceOf(Error)
+    // The store re-opens the database before it lets the writer go on (open.ts): until then, refused.
+    await expect(writer.write([put(fake, 'd', '0')])).rejects.toThrow('store unavailable after a write error (disk full)')
+    writer.resume()
     await writer.write([put(fake, 'd', '1')])
     expect(written).toEqual([1, 1])
-    expect(writer.stats()).toMatchObject({ batches: 2, failedBatches: 1, writes: 2, ops: 2 })
+    expect(writer.stats()).toMatchObject({ batches: 2, failedBatches: 1, writes: 2, ops: 2, refusedWrites: 1 })
   })
 
   it('asks for sync writes with fsync durability and not with os', async () => {
