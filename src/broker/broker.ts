@@ -8,8 +8,10 @@ import { createLogger, type Logger } from '../observability/logger.js'
 import { Metrics } from '../observability/metrics.js'
 import { SysPublisher } from '../observability/sys.js'
 import { prepareDataDir } from '../store/data-dir.js'
-import { openStore } from '../store/open.js'
-import { LevelPersistence, type JournalPacket } from '../store/persistence.js'
+import { readdir, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+import { openStore, type OpenOptions, type Store, type StoreObserver } from '../store/open.js'
+import { LevelPersistence, type JournalPacket, type QueueFullEvent } from '../store/persistence.js'
 import { listenHttp } from '../transport/http.js'
 import type { Listener } from '../transport/listener.js'
 import { meterConnection, PacketTooLargeError, MalformedFramingError, type MeteredConnection } from '../transport/packet-meter.js'
@@ -40,6 +42,8 @@ export interface BrokerOptions {
    * (tests). Without it, port 0 disables a listener, as the CLI documents.
    */
   ephemeral?: readonly ListenerName[]
+  /** Back-off of the store's recovery after a write failure (tests shorten it). */
+  storeRetry?: Pick<OpenOptions, 'retryMinMs' | 'retryMaxMs'>
 }
 
 /** What CONNECT carried, kept from preConnect for the checks in authenticate (which can send a CONNACK code). */
@@ -59,6 +63,15 @@ class FerryBroker implements Broker {
   /** Created by start(), once the store (if any) is open. */
   private aedes: Aedes | null = null
   private persistence: LevelPersistence | null = null
+  private store: Store | null = null
+  /** Journal entries appended and not yet deleted, by hex key (their messages' pipelines are running or failed). */
+  private readonly journaled = new Set<string>()
+  /** The newest journal key appended, for the replay after a store failure. */
+  private lastJournalKey: Buffer | null = null
+  /** Set while journal entries are published again after a store failure: new PUBLISHes wait, so order holds. */
+  private publishGate: Promise<void> | null = null
+  /** The last count of retained messages (served while the store cannot be read). */
+  private retainedCounted = 0
   private readonly listeners = new Map<ListenerName, Listener>()
   private readonly connections = new Set<Duplex>()
   private readonly connectInfo = new WeakMap<Client, ConnectInfo>()
@@ -80,6 +93,12 @@ class FerryBroker implements Broker {
       clientsConnected: () => this.aedes?.connectedClients ?? 0,
       subscriptions: () => this.countSubscriptions(),
       retainedMessages: () => this.countRetained(),
+      store: () => this.store === null ? null : {
+        sizeBytes: () => directorySize((this.store as Store).dir),
+        available: () => (this.store as Store).available ? 1 : 0,
+        journalDepth: () => this.journaled.size,
+        queued: () => this.persistence?.totalQueued() ?? { messages: 0, bytes: 0 },
+      },
     })
     this.sys = new SysPublisher(this.metrics, (topic, payload) => {
       if (this.aedes !== null && !this.aedes.closed) this.aedes.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain: false, dup: false }, () => {})
@@ -125,9 +144,12 @@ class FerryBroker implements Broker {
     const dataDir = prepareDataDir(config.storage)
     const tls = config.tls === undefined ? undefined : loadTlsMaterial(config.tls)
     if (dataDir !== null && config.storage.durability !== 'memory') {
-      this.persistence = new LevelPersistence(await openStore(dataDir, config.storage.durability), {
+      this.store = await openStore(dataDir, config.storage.durability, { ...this.options.storeRetry, observer: this.storeObserver() })
+      this.persistence = new LevelPersistence(this.store, {
         maxQueuedMessages: config.limits.maxQueuedMessages,
-        onQueueFull: (clientId, limit) => this.queueFull(clientId, limit),
+        maxQueuedBytes: config.limits.maxQueuedBytes,
+        queueFullPolicy: config.limits.queueFullPolicy,
+        onQueueFull: (_clientId, _limit, event) => this.queueFull(event),
       })
       logger.info({ dataDir, durability: config.storage.durability }, 'store opened')
     }
@@ -186,7 +208,7 @@ class FerryBroker implements Broker {
     if (on('http', l.http.port)) {
       add(await listenHttp('http', l.http.host, l.http.port, {
         live: () => this.closing === null,
-        ready: () => this.ready,
+        ready: () => this.ready && (this.store?.available ?? true),
         registry: this.metrics.registry,
       }, this.logger))
     }
@@ -279,13 +301,27 @@ class FerryBroker implements Broker {
     // aedes sends the QoS 1 PUBACK as soon as this returns, before its pipeline stores anything:
     // journal the message first, so an acknowledged message survives a crash in between.
     // (QoS 2 is acknowledged only after the pipeline; LevelPersistence marks it queued atomically.)
-    if (packet.qos !== 1 || this.persistence === null) return done(null)
-    this.persistence.journalAppend(packet as JournalPacket).then((entryKey) => {
+    const gate = this.publishGate
+    if (gate !== null) {
+      // Messages acknowledged before a store failure are being published again: newer ones wait.
+      gate.then(() => this.journalThenAck(client, packet, done), () => this.journalThenAck(client, packet, done))
+      return
+    }
+    this.journalThenAck(client, packet, done)
+  }
+
+  /** Journals a QoS 1 PUBLISH before aedes acknowledges it (done(null)); a failed write is never acknowledged. */
+  private journalThenAck (client: Client, packet: PublishPacket, done: (err?: Error | null) => void): void {
+    const persistence = this.persistence
+    if (packet.qos !== 1 || persistence === null) return done(null)
+    persistence.journalAppend(packet as JournalPacket).then((entryKey) => {
       (packet as unknown as Record<symbol, Buffer>)[JOURNAL_KEY] = entryKey
+      this.journaled.add(entryKey.toString('hex'))
+      this.lastJournalKey = entryKey
       done(null)
     }, (err: Error) => {
-      this.metrics.storeWriteErrors.inc()
-      this.logger.error({ clientId: client.id, topic, err: err.message }, 'store write failed: QoS 1 message not acknowledged, client disconnected')
+      // Counted by the store observer (ferrymq_store_write_errors_total); the store logs its failure once.
+      this.logger.debug({ clientId: client.id, topic: packet.topic, err: err.message }, 'QoS 1 message not acknowledged: store write failed, client disconnected')
       done(new Error(`store write failed: ${err.message}`))
     })
   }
@@ -294,6 +330,7 @@ class FerryBroker implements Broker {
   private published (packet: AedesPublishPacket, done: (err?: Error | null) => void): void {
     const entryKey = (packet as unknown as Record<symbol, Buffer | undefined>)[JOURNAL_KEY]
     if (entryKey !== undefined && this.persistence !== null) {
+      this.journaled.delete(entryKey.toString('hex'))
       this.persistence.journalDelete(entryKey).catch((err: Error) => {
         // Left in the journal, the message is published again at the next start: a duplicate, not a loss.
         this.logger.warn({ err: err.message }, 'journal entry not deleted; it will be replayed at the next start')
@@ -335,17 +372,76 @@ class FerryBroker implements Broker {
   }
 
   /** Publishes again what was acknowledged but not stored before the last stop (at-least-once), then forgets it. */
-  private async replayJournal (aedes: Aedes, persistence: LevelPersistence): Promise<void> {
+  private async replayJournal (aedes: Aedes, persistence: LevelPersistence, upTo?: Buffer): Promise<number> {
     let replayed = 0
     for await (const { key, packet } of persistence.journalEntries()) {
+      if (upTo !== undefined && Buffer.compare(key, upTo) > 0) break
+      this.journaled.delete(key.toString('hex'))
       await new Promise<void>((resolve, reject) => aedes.publish(packet as unknown as PublishPacket, (err?: Error | null) => (err ? reject(err) : resolve())))
       await persistence.journalDelete(key)
       replayed++
     }
-    if (replayed > 0) {
+    if (replayed > 0 && upTo === undefined) {
       this.metrics.journalReplayed.inc(replayed)
       this.logger.info({ replayed }, 'published again the messages acknowledged but not stored before the last stop')
     }
+    return replayed
+  }
+
+  /** Logs, counts and acts on what the store reports. */
+  private storeObserver (): StoreObserver {
+    const { metrics, logger } = this
+    return {
+      batch: (ops, writes, seconds) => {
+        metrics.storeBatches.inc()
+        metrics.storeWrites.inc(writes)
+        metrics.storeBatchOps.observe(ops)
+        metrics.storeBatchSeconds.observe(seconds)
+      },
+      failed: (_err, writes) => metrics.storeWriteErrors.inc(writes),
+      refused: () => metrics.storeWriteErrors.inc(),
+      unavailable: (err) => {
+        logger.error({ err: err.message }, 'store write failed: nothing is acknowledged (clients that publish QoS 1/2 are disconnected) until the store takes writes again; retrying')
+      },
+      recoveryFailed: (err, attempt) => {
+        // Attempts 1, 2, 4, 8, …: the back-off tops out at 10 s, so this stays a few lines an hour.
+        if ((attempt & (attempt - 1)) === 0) logger.warn({ err: err.message, attempt }, 'store still refuses writes; retrying')
+      },
+      recovered: (downSeconds, attempts) => {
+        metrics.storeRecoveries.inc()
+        logger.info({ downSeconds: Math.round(downSeconds * 1000) / 1000, attempts }, 'store takes writes again')
+        this.replayAfterFailure()
+      },
+      damaged: (damage) => {
+        metrics.storeDamaged.inc({ action: damage.action })
+        if (damage.action === 'repaired') {
+          logger.error({ err: damage.error.message }, 'the store was damaged; LevelDB repaired it (what it could not read is lost)')
+        } else {
+          logger.error({ err: damage.error.message, repairError: damage.repairError?.message, quarantineDir: damage.quarantineDir },
+            'the store was damaged beyond repair: moved aside to the quarantine directory, starting with an empty store')
+        }
+      },
+    }
+  }
+
+  /**
+   * After a store failure: messages acknowledged (journaled) before it whose copies may not have
+   * been stored are published again (at-least-once), before any newer PUBLISH is taken.
+   */
+  private replayAfterFailure (): void {
+    const { aedes, persistence } = this
+    const upTo = this.lastJournalKey
+    if (aedes === null || persistence === null || upTo === null || this.closing !== null) return
+    const gate = this.replayJournal(aedes, persistence, upTo).then((replayed) => {
+      if (replayed === 0) return
+      this.metrics.journalReplayed.inc(replayed)
+      this.logger.info({ replayed }, 'published again the messages acknowledged before the store failure')
+    }, (err: Error) => {
+      this.logger.error({ err: err.message }, 'journal replay after the store failure did not finish; the rest is replayed at the next start')
+    }).finally(() => {
+      if (this.publishGate === gate) this.publishGate = null
+    })
+    this.publishGate = gate
   }
 
   private authorizeSubscribe<S extends { topic: string }> (_client: Client, sub: S, done: (err: Error | null, sub?: S | null) => void): void {
@@ -376,14 +472,18 @@ class FerryBroker implements Broker {
     return this.capQoS(client, packet)
   }
 
-  /** A persistent session's queue is at limits.maxQueuedMessages: the new message is not queued for it. */
-  private queueFull (clientId: string, limit: number): void {
-    this.metrics.messagesDropped.inc({ reason: 'queue_full' })
+  /** A persistent session's queue is full: per limits.queueFullPolicy a message is dropped; counted and logged. */
+  private queueFull (event: QueueFullEvent): void {
+    this.metrics.messagesDropped.inc({ reason: 'queue_full' }, event.dropped)
     const now = Date.now()
-    const last = this.queueFullLogged.get(clientId)
+    const last = this.queueFullLogged.get(event.clientId)
     if (last !== undefined && now - last < 10_000) return
-    this.queueFullLogged.set(clientId, now)
-    this.logger.warn({ clientId, maxQueuedMessages: limit }, 'session queue full (limits.maxQueuedMessages): new messages for it are dropped and counted')
+    this.queueFullLogged.set(event.clientId, now)
+    const setting = event.limit === 'messages' ? 'limits.maxQueuedMessages' : 'limits.maxQueuedBytes'
+    this.logger.warn({ clientId: event.clientId, limit: setting, max: event.max, policy: event.policy, dropped: event.dropped },
+      event.which === 'new'
+        ? `session queue full (${setting}): new messages for it are dropped and counted`
+        : `session queue full (${setting}): its oldest unsent messages are dropped and counted`)
   }
 
   /** Logs a slow subscriber once per connection; true the first time. */
@@ -449,7 +549,22 @@ class FerryBroker implements Broker {
     const persistence = (this.aedes as unknown as { persistence?: { createRetainedStreamCombi (patterns: string[]): AsyncIterable<{ topic: string }> } }).persistence
     if (persistence === undefined) return 0
     let n = 0
-    for await (const packet of persistence.createRetainedStreamCombi(['#'])) if (!packet.topic.startsWith('$')) n++
+    try {
+      for await (const packet of persistence.createRetainedStreamCombi(['#'])) if (!packet.topic.startsWith('$')) n++
+    } catch {
+      // The store is re-opening after a write failure: report what was last counted.
+      return this.retainedCounted
+    }
+    this.retainedCounted = n
     return n
   }
+}
+
+/** Bytes of the files under `dir`, quarantine directories left out. */
+async function directorySize (dir: string): Promise<number> {
+  let total = 0
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    if (entry.isFile()) total += (await stat(join(dir, entry.name)).catch(() => ({ size: 0 }))).size
+  }
+  return total
 }

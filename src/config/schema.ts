@@ -28,6 +28,7 @@ const filePath = z.string({ error: 'expected a file path' }).min(1, { error: 'ex
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const
 export const DURABILITIES = ['fsync', 'os', 'memory'] as const
+export const QUEUE_FULL_POLICIES = ['drop-new', 'drop-oldest'] as const
 
 const listenersSchema = z.strictObject({
   mqtt: z.strictObject({ port: port(1883), host: host('0.0.0.0') }).prefault({}),
@@ -57,6 +58,18 @@ const limitsSchema = z.strictObject({
   maxPacketSize: positiveInt('a size in bytes', 64, 268_435_460, 1_048_576),
   /** Per-session queue length; enforced by the persistence (LevelDB issue). */
   maxQueuedMessages: positiveInt('a message count', 1, 100_000_000, 100_000),
+  /**
+   * Per-session queue size in bytes: the stored size of each queued message (topic, payload,
+   * properties and a few bytes of framing), so large messages cannot fill the disk under the
+   * message count. Default 128 MiB: at least 128 messages of the default maxPacketSize.
+   */
+  maxQueuedBytes: positiveInt('a size in bytes', 65_536, 1_099_511_627_776, 134_217_728),
+  /**
+   * What a message for a full queue does: `drop-new` (Mosquitto's behaviour) does not queue it;
+   * `drop-oldest` deletes the oldest queued messages not yet sent to make room. Either way the
+   * drop is counted in ferrymq_messages_dropped_total{reason="queue_full"} and logged.
+   */
+  queueFullPolicy: z.enum(QUEUE_FULL_POLICIES, { error: `expected one of ${QUEUE_FULL_POLICIES.join(', ')}` }).default('drop-new'),
   /** A socket that has not sent CONNECT by then is closed. */
   connectTimeoutMs: positiveInt('milliseconds', 100, 3_600_000, 10_000),
   /** A subscriber whose socket has not drained for this long is disconnected, so it cannot hold up others. */

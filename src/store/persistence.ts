@@ -9,7 +9,9 @@ import { sublevelOf, type StoreOp, type Sublevel } from './writer.js'
  * LevelPersistence: an aedes-persistence v11 compatible, promise-style persistence on the
  * store's LevelDB (research/persistence-and-deps.md §3.2). Sublevels and keys:
  *
- *   m  meta        'schema' → uint32; 'seq' → uint64 reserved upper bound of the sequence
+ *   m  meta        'schema' → uint32; 'seq' → uint64 reserved upper bound of the sequence;
+ *                  'qcv' → 1 byte: version of the queue counters (absent: rebuild them by a scan);
+ *                  str('qc') ‖ str(client) → u64(messages) ‖ u64(bytes) of that client's queue
  *   r  retained    utf8(topic) → packet
  *   s  subs        str(client) ‖ utf8(filter) → { qos, rh, rap, nl, subscriptionIdentifier? }
  *   o  outgoing    str(client) ‖ u64(seq) → packet (a PUBLISH, later possibly a PUBREL)
@@ -22,7 +24,10 @@ import { sublevelOf, type StoreOp, type Sublevel } from './writer.js'
  *   w  wills       utf8(client) → will packet
  *
  * Every method that writes submits exactly one batch to the group-commit writer and resolves
- * when that batch is written. Subscriptions are mirrored in memory (per client, and a QlobberSub
+ * when that batch is written. Every batch that changes a client's queue (`o`) also writes that
+ * queue's counters (messages, bytes = sum of the stored value sizes in `o`) into meta, computed
+ * in memory when the batch is submitted; the writer applies batches in submission order, so the
+ * counters on disk always match `o`, and setup() reads them instead of scanning the queues. Subscriptions are mirrored in memory (per client, and a QlobberSub
  * trie for topic matching) and loaded at setup(); the mirror is updated after the batch is written.
  */
 
@@ -81,10 +86,41 @@ const AedesPacket = require('aedes-packet') as new (original: PacketLike) => Pac
 
 const QLOBBER_OPTIONS: QlobberOptions = { wildcard_one: '+', wildcard_some: '#', separator: '/' }
 const SEQ_KEY = Buffer.from('seq')
+/** Meta key marking that the queue counters are kept; its value is their layout version. */
+const COUNTERS_VERSION_KEY = Buffer.from('qcv')
+const COUNTERS_VERSION = 1
+/** Meta key prefix of a queue's counters; `qc` ‖ 0x00 cannot collide with `qcv`, `schema`, `seq`. */
+const COUNTERS_PREFIX = str('qc')
+/** How many identities of dropped messages are remembered for outgoingUpdate (see there). */
+const DROPPED_IDS_KEPT = 16_384
 /** How many sequence numbers one reservation in meta covers. */
 const SEQ_BLOCK = 65536
 
 type SubRecord = Omit<Subscription, 'topic'>
+
+/** What happens to a message for a queue that is full (limits.queueFullPolicy). */
+export type QueueFullPolicy = 'drop-new' | 'drop-oldest'
+
+/** What `onQueueFull` is told about one client's full queue (one call per client per message). */
+export interface QueueFullEvent {
+  clientId: string
+  /** The limit the new message would have exceeded: maxQueuedMessages or maxQueuedBytes. */
+  limit: 'messages' | 'bytes'
+  /** The configured value of that limit. */
+  max: number
+  policy: QueueFullPolicy
+  /**
+   * `new`: the new message was not queued for this client (policy drop-new, or drop-oldest when
+   * the entries not in flight could not make room). `oldest`: it was queued and `dropped` of the
+   * oldest entries not yet sent were deleted in the same batch.
+   */
+  which: 'new' | 'oldest'
+  /** Messages dropped for this client by this event (1 for `new`). */
+  dropped: number
+}
+
+/** Messages and bytes (stored value sizes) in queues. */
+export interface QueueTotals { messages: number, bytes: number }
 
 /** Options of {@link LevelPersistence}. */
 export interface LevelPersistenceOptions {
@@ -99,16 +135,83 @@ export interface LevelPersistenceOptions {
    * `onQueueFull` is told, so the drop is counted and logged, never silent. Default: no limit.
    */
   maxQueuedMessages?: number
-  onQueueFull? (clientId: string, limit: number): void
+  /**
+   * Most bytes one client's queue holds (limits.maxQueuedBytes): the sum of the sizes of its
+   * stored entries (the encoded packet: topic, payload, properties, a few bytes of framing).
+   * Checked when a message is queued; an entry that is given its messageId or becomes a PUBREL
+   * changes size by a few bytes and may take a queue a little past it. Default: no limit.
+   */
+  maxQueuedBytes?: number
+  /**
+   * `drop-new` (default): the new message is not queued for a full queue. `drop-oldest`: the
+   * oldest entries that are not in flight (never sent: no messageId yet; never a PUBREL) are
+   * deleted in the same batch as the new entry, so the queue stays within both limits; if they
+   * cannot make room (the queue is all in flight, or the message alone exceeds maxQueuedBytes),
+   * the new message is dropped instead.
+   */
+  queueFullPolicy?: QueueFullPolicy
+  /**
+   * Told of every drop (never silent). `limit` is the configured value of the limit hit (kept for
+   * callers of the first signature); `event` says which limit, which policy, and how many.
+   */
+  onQueueFull? (clientId: string, limit: number, event: QueueFullEvent): void
 }
+
+/**
+ * A queue entry some operation has in hand, by hex of its sequence key. Operations that read the
+ * queue and then submit a batch (outgoingUpdate, outgoingClearMessageId, a drop-oldest selection,
+ * session expiry) check these at submission, because what they read may predate a batch that was
+ * submitted meanwhile: `gone` (deleted by a clear, a drop or an expiry), `claim` (given a
+ * messageId by outgoingUpdate: in flight, never to be dropped), `append` (queued; kept only in
+ * drop-oldest mode, so a selection can see entries not yet written).
+ */
+interface Mark {
+  state: 'append' | 'claim' | 'gone'
+  /** Value of the write epoch when the batch that set it was written; undefined until then. */
+  writtenAt: number | undefined
+  seqKey: Buffer
+  size: number
+  idKey: Buffer | undefined
+}
+
+/** One client's queue: its counters, and what is needed to change it safely under concurrency. */
+interface QueueState {
+  readonly clientId: string
+  messages: number
+  bytes: number
+  marks: Map<string, Mark>
+  /** Operations reading this queue now: token → write epoch when they started. */
+  readers: Map<number, number>
+  /** Drop-oldest scans start here: every entry before it is in flight or gone (for this process). */
+  cursor: Buffer | undefined
+}
+
+/** A queue entry a drop-oldest selection may delete. */
+interface Victim { hex: string, seqKey: Buffer, size: number, idKey: Buffer | undefined }
 
 export class LevelPersistence {
   readonly #store: Store
   readonly #closeStoreOnDestroy: boolean
   readonly #maxQueued: number
-  readonly #onQueueFull: (clientId: string, limit: number) => void
-  /** Entries in each client's queue (sublevel `o`), counted at setup and kept up to date. */
-  readonly #queued = new Map<string, number>()
+  readonly #maxQueuedBytes: number
+  readonly #policy: QueueFullPolicy
+  readonly #onQueueFull: (clientId: string, limit: number, event: QueueFullEvent) => void
+  /** Each client's queue (sublevel `o`): counters read at setup and kept up to date; see QueueState. */
+  readonly #queues = new Map<string, QueueState>()
+  /** Sum over #queues, for metrics. */
+  readonly #totals: QueueTotals = { messages: 0, bytes: 0 }
+  /** Incremented whenever a batch that set marks has been written (see Mark.writtenAt). */
+  #epoch = 0
+  #nextToken = 0
+  /** The store had no queue counters and no queues: the next batch writes the counters marker. */
+  #countersMarkerPending = false
+  /**
+   * Drop-oldest: settles when the last enqueue that had to select victims has submitted its batch.
+   * While one is pending every enqueue waits its turn, so batches keep call order.
+   */
+  #enqueueTurn: Promise<void> | undefined
+  /** Hex `q` keys of messages dropped for a full queue (insertion order; at most DROPPED_IDS_KEPT). */
+  readonly #droppedIds = new Map<string, true>()
   readonly #meta: Sublevel
   readonly #retained: Sublevel
   readonly #subs: Sublevel
@@ -130,6 +233,8 @@ export class LevelPersistence {
   readonly #unqueuedIncoming = new WeakMap<object, Buffer>()
   /** Per client, the last pending incomingGetPacket lookup: later ones wait for it to settle. */
   readonly #incomingLookups = new Map<string, Promise<void>>()
+  /** Per client, the turn of the last outgoingUpdate: settles once its batch is submitted. */
+  readonly #updateTurns = new Map<string, Promise<void>>()
   #broker: PersistenceBroker | undefined
   /** client id → (filter → record): the in-memory mirror of sublevel `s`. */
   readonly #clientSubs = new Map<string, Map<string, SubRecord>>()
@@ -149,6 +254,8 @@ export class LevelPersistence {
     this.#store = store
     this.#closeStoreOnDestroy = options.closeStoreOnDestroy ?? true
     this.#maxQueued = options.maxQueuedMessages ?? Infinity
+    this.#maxQueuedBytes = options.maxQueuedBytes ?? Infinity
+    this.#policy = options.queueFullPolicy ?? 'drop-new'
     this.#onQueueFull = options.onQueueFull ?? (() => {})
     const sub = (name: string): Sublevel => sublevelOf(store.db, name)
     this.#meta = sub(META)
@@ -178,16 +285,71 @@ export class LevelPersistence {
       const [clientId, filter] = splitFirst(k)
       this.#applyAdd(clientId, [{ topic: filter.toString('utf8'), ...decode<SubRecord>(v) }])
     }
-    // Queue lengths by a key scan: O(messages queued). Persisted counters would make it O(1).
-    for await (const k of this.#outgoing.keys()) {
-      const clientId = splitFirst(k)[0]
-      this.#queued.set(clientId, (this.#queued.get(clientId) ?? 0) + 1)
+    await this.#loadQueueCounters()
+  }
+
+  /**
+   * Reads the queue counters from meta: O(queues). A store without them (written before they
+   * existed) gets them once, by a scan of every queue, written in one batch with the marker.
+   */
+  async #loadQueueCounters (): Promise<void> {
+    const version = await this.#meta.get(COUNTERS_VERSION_KEY)
+    const stored = new Map<string, Buffer>()
+    for await (const [k, v] of this.#meta.iterator(prefixRange(COUNTERS_PREFIX))) {
+      stored.set(splitFirst(k.subarray(COUNTERS_PREFIX.length))[0], v)
     }
+    if (version !== undefined && version.length === 1 && version[0] === COUNTERS_VERSION && [...stored.values()].every(v => v.length === 16)) {
+      for (const [clientId, v] of stored) this.#addCounts(this.#state(clientId), readU64(v, 0), readU64(v, 8))
+      return
+    }
+    // No marker (a store from before the counters), or counters this code cannot read: rebuild.
+    const counted = await this.countQueuesByScan()
+    const ops: StoreOp[] = []
+    for (const clientId of stored.keys()) {
+      if (!counted.has(clientId)) ops.push({ type: 'del', sublevel: this.#meta, key: key(COUNTERS_PREFIX, str(clientId)) })
+    }
+    if (counted.size === 0 && ops.length === 0 && version === undefined) {
+      // Nothing to migrate: the marker goes with the next batch (every queue change writes its
+      // counters from now on; until the marker is on disk, a restart just counts again).
+      this.#countersMarkerPending = true
+      return
+    }
+    for (const [clientId, { messages, bytes }] of counted) {
+      this.#addCounts(this.#state(clientId), messages, bytes)
+      ops.push(this.#counterOp(clientId))
+    }
+    ops.push({ type: 'put', sublevel: this.#meta, key: COUNTERS_VERSION_KEY, value: Buffer.from([COUNTERS_VERSION]) })
+    await this.#write(ops)
+  }
+
+  /**
+   * Counts every queue by reading all of sublevel `o`: O(messages queued). setup() uses it once
+   * to build the counters of an older store; tests and health checks compare it with them.
+   */
+  async countQueuesByScan (): Promise<Map<string, QueueTotals>> {
+    const counted = new Map<string, QueueTotals>()
+    for await (const [k, v] of this.#outgoing.iterator()) {
+      const clientId = splitFirst(k)[0]
+      const c = counted.get(clientId)
+      if (c === undefined) counted.set(clientId, { messages: 1, bytes: v.length })
+      else { c.messages++; c.bytes += v.length }
+    }
+    return counted
   }
 
   /** Messages queued for `clientId` now (tests, metrics). */
   queuedMessages (clientId: string): number {
-    return this.#queued.get(clientId) ?? 0
+    return this.#queues.get(clientId)?.messages ?? 0
+  }
+
+  /** Bytes (stored value sizes) queued for `clientId` now. */
+  queuedBytes (clientId: string): number {
+    return this.#queues.get(clientId)?.bytes ?? 0
+  }
+
+  /** Messages and bytes in all queues, O(1) (metrics). Includes batches submitted but not yet written. */
+  totalQueued (): QueueTotals {
+    return { ...this.#totals }
   }
 
   // ---- retained -------------------------------------------------------------------------------
@@ -345,18 +507,12 @@ export class LevelPersistence {
     await this.outgoingEnqueueCombi([sub], packet)
   }
 
-  /** Appends one copy of `packet` to the queue of each subscription's client, in one batch. */
+  /**
+   * Appends one copy of `packet` to the queue of each subscription's client, in one batch, with
+   * those queues' counters. A full queue (maxQueuedMessages / maxQueuedBytes) is handled by the
+   * policy and reported to onQueueFull. Batches keep call order (so do the promises' settling).
+   */
   async outgoingEnqueueCombi (subs: Array<{ clientId: string }>, packet: PacketLike): Promise<void> {
-    const accepted = subs.filter(({ clientId }) => {
-      const n = this.#queued.get(clientId) ?? 0
-      if (n >= this.#maxQueued) {
-        this.#onQueueFull(clientId, this.#maxQueued)
-        return false
-      }
-      // Counted now, not after the write, so concurrent enqueues cannot overshoot the limit.
-      this.#queued.set(clientId, n + 1)
-      return true
-    })
     const ops: StoreOp[] = []
     // An incoming QoS 2 message is marked queued in the same batch as its queue entries: after a
     // crash, a re-sent PUBLISH is a duplicate exactly when this batch was written.
@@ -365,96 +521,427 @@ export class LevelPersistence {
       this.#unqueuedIncoming.delete(packet.payload as object)
       ops.push({ type: 'put', sublevel: this.#incomingPublished, key: mark, value: Buffer.alloc(0) })
     }
-    if (accepted.length === 0) {
+    try {
+      await this.#enqueue(subs, packet, ops)
+    } catch (err) {
+      // Not queued after all: when its client re-sends it, the message must be published then, not
+      // answered as a duplicate (the `I` mark decides, as after a restart).
+      if (mark !== undefined) this.#incomingThisRun.delete(mark.toString('hex'))
+      throw err
+    }
+  }
+
+  async #enqueue (subs: Array<{ clientId: string }>, packet: PacketLike, ops: StoreOp[]): Promise<void> {
+    if (subs.length === 0) {
       await this.#write(ops)
       return
     }
     const stored = new AedesPacket(packet)
     const value = encode(stored)
+    const needsRoom = (): string[] => {
+      const occurrences = new Map<string, number>()
+      for (const { clientId } of subs) occurrences.set(clientId, (occurrences.get(clientId) ?? 0) + 1)
+      return [...occurrences].filter(([clientId, n]) => {
+        const q = this.#queues.get(clientId)
+        return (q?.messages ?? 0) + n > this.#maxQueued || (q?.bytes ?? 0) + n * value.length > this.#maxQueuedBytes
+      }).map(([clientId]) => clientId)
+    }
+    // Fast path (always for drop-new): decide, count and submit now, synchronously, so concurrent
+    // enqueues can neither overshoot a limit nor be reordered.
+    if (this.#policy === 'drop-new' || (this.#enqueueTurn === undefined && needsRoom().length === 0)) {
+      await this.#submitEnqueue(subs, stored, value, ops, new Map())
+      return
+    }
+    // Drop-oldest with a full queue: choose victims (reads), then submit. Later enqueues wait for
+    // this submission, so batches stay in call order.
+    const previous = this.#enqueueTurn
+    let submitted!: () => void
+    const turn = new Promise<void>((resolve) => { submitted = resolve })
+    this.#enqueueTurn = turn
+    let write: Promise<void>
+    const reading: Array<[QueueState, number]> = []
+    try {
+      await previous
+      const victims = new Map<string, Victim[]>()
+      for (const clientId of needsRoom()) {
+        const q = this.#state(clientId)
+        reading.push([q, this.#beginRead(q)])
+        victims.set(clientId, await this.#oldestDroppable(clientId, q, subs.filter(s => s.clientId === clientId).length, value.length))
+      }
+      write = this.#submitEnqueue(subs, stored, value, ops, victims)
+    } finally {
+      for (const [q, token] of reading) this.#endRead(q, token)
+      if (this.#enqueueTurn === turn) this.#enqueueTurn = undefined
+      submitted()
+    }
+    await write
+  }
+
+  /**
+   * Synchronously: applies the limits and the policy to each subscription (using `victims`, the
+   * droppable entries read for full queues under drop-oldest), updates the counters, and submits
+   * one batch. Returns its write; on failure the counters and marks are put back.
+   */
+  #submitEnqueue (subs: Array<{ clientId: string }>, stored: PacketLike, value: Buffer, ops: StoreOp[], victims: Map<string, Victim[]>): Promise<void> {
+    const size = value.length
+    const accepted: string[] = []
+    const dropped: Array<{ q: QueueState, victim: Victim, mark: Mark }> = []
+    const touched = new Set<string>()
+    const events: QueueFullEvent[] = []
+    for (const { clientId } of subs) {
+      const q = this.#state(clientId)
+      const overCount = q.messages + 1 > this.#maxQueued
+      if (overCount || q.bytes + size > this.#maxQueuedBytes) {
+        const limit = overCount ? 'messages' : 'bytes'
+        const max = overCount ? this.#maxQueued : this.#maxQueuedBytes
+        const taken = this.#policy === 'drop-oldest' && size <= this.#maxQueuedBytes
+          ? this.#takeVictims(q, victims.get(clientId) ?? [], size)
+          : undefined
+        if (taken === undefined) {
+          events.push({ clientId, limit, max, policy: this.#policy, which: 'new', dropped: 1 })
+          const idKey = this.#identityKey(clientId, stored)
+          if (idKey !== undefined) this.#rememberDropped(idKey)
+          this.#forgetIfIdle(q)
+          continue
+        }
+        for (const victim of taken) {
+          const mark: Mark = { state: 'gone', writtenAt: undefined, seqKey: victim.seqKey, size: victim.size, idKey: victim.idKey }
+          q.marks.set(victim.hex, mark)
+          dropped.push({ q, victim, mark })
+          this.#addCounts(q, -1, -victim.size)
+          ops.push({ type: 'del', sublevel: this.#outgoing, key: key(str(clientId), victim.seqKey) })
+          if (victim.idKey !== undefined) {
+            ops.push({ type: 'del', sublevel: this.#byIdentity, key: victim.idKey })
+            this.#rememberDropped(victim.idKey)
+          }
+        }
+        events.push({ clientId, limit, max, policy: this.#policy, which: 'oldest', dropped: taken.length })
+      }
+      // Counted now, not after the write, so concurrent enqueues cannot overshoot the limit.
+      this.#addCounts(q, 1, size)
+      accepted.push(clientId)
+      touched.add(clientId)
+    }
+    for (const { q } of dropped) touched.add(q.clientId)
     const { first, reservation } = this.#allocate(accepted.length, ops)
     let seq = first
-    for (const { clientId } of accepted) {
+    const appended: Array<{ q: QueueState, hex: string, mark: Mark }> = []
+    for (const clientId of accepted) {
       const seqKey = u64(seq++)
       ops.push({ type: 'put', sublevel: this.#outgoing, key: key(str(clientId), seqKey), value })
       const idKey = this.#identityKey(clientId, stored)
       if (idKey !== undefined) ops.push({ type: 'put', sublevel: this.#byIdentity, key: idKey, value: seqKey })
+      if (this.#policy === 'drop-oldest') {
+        const q = this.#state(clientId)
+        const mark: Mark = { state: 'append', writtenAt: undefined, seqKey, size, idKey }
+        const hex = seqKey.toString('hex')
+        q.marks.set(hex, mark)
+        appended.push({ q, hex, mark })
+      }
     }
-    try {
-      await this.#write(ops, reservation)
-    } catch (err) {
-      for (const { clientId } of accepted) this.#queued.set(clientId, (this.#queued.get(clientId) ?? 1) - 1)
-      throw err
+    for (const clientId of touched) ops.push(this.#counterOp(clientId))
+    const write = this.#write(ops, reservation)
+    const marks = [...dropped.map(d => ({ q: d.q, hex: d.victim.hex, mark: d.mark })), ...appended]
+    write.then(() => this.#written(marks), () => {
+      for (const clientId of accepted) this.#addCounts(this.#state(clientId), -1, -size)
+      for (const { q, victim } of dropped) this.#addCounts(q, 1, victim.size)
+      for (const { q, hex, mark } of marks) if (q.marks.get(hex) === mark) q.marks.delete(hex)
+      for (const clientId of touched) this.#forgetIfIdle(this.#state(clientId))
+    })
+    // Told once the batch is submitted, so a throwing callback cannot leave the counters unwritten.
+    for (const event of events) this.#onQueueFull(event.clientId, event.max, event)
+    return write
+  }
+
+  /**
+   * The fewest of `candidates` (oldest first) whose removal lets an entry of `size` into queue
+   * `q` within both limits, skipping those that became in flight or gone since they were read;
+   * undefined if they cannot make room.
+   */
+  #takeVictims (q: QueueState, candidates: Victim[], size: number): Victim[] | undefined {
+    const taken: Victim[] = []
+    let messages = q.messages + 1
+    let bytes = q.bytes + size
+    while (messages > this.#maxQueued || bytes > this.#maxQueuedBytes) {
+      const victim = candidates.shift()
+      if (victim === undefined) {
+        candidates.unshift(...taken)
+        return undefined
+      }
+      const state = q.marks.get(victim.hex)?.state
+      if (state === 'claim' || state === 'gone') continue
+      taken.push(victim)
+      messages--
+      bytes -= victim.size
     }
+    return taken
+  }
+
+  /**
+   * Reads the oldest entries of a full queue that may be dropped (not in flight: a PUBLISH with no
+   * messageId, not claimed, not gone), enough to make room for `n` entries of `size` bytes, plus
+   * some slack for changes while reading. Entries not yet written come last, from the marks.
+   */
+  async #oldestDroppable (clientId: string, q: QueueState, n: number, size: number): Promise<Victim[]> {
+    const needMessages = q.messages + n - this.#maxQueued + 1
+    const needBytes = q.bytes + n * size - this.#maxQueuedBytes + 4096
+    const victims: Victim[] = []
+    let messages = 0
+    let bytes = 0
+    const enough = (): boolean => messages >= needMessages && bytes >= needBytes
+    const prefix = str(clientId)
+    const range = this.#clientRange(clientId)
+    if (q.cursor !== undefined) range.gte = key(prefix, q.cursor)
+    const seen = new Set<string>()
+    let cursor: Buffer | undefined
+    for await (const [k, v] of this.#outgoing.iterator(range)) {
+      const seqKey = Buffer.from(k.subarray(prefix.length))
+      const hex = seqKey.toString('hex')
+      seen.add(hex)
+      const state = q.marks.get(hex)?.state
+      if (state === 'gone' || state === 'claim') continue
+      const entry = decode<PacketLike>(v)
+      if (entry.cmd !== 'publish' || isPacketId(entry.messageId)) {
+        if (victims.length === 0) cursor = seqKey
+        continue
+      }
+      if (victims.length === 0) cursor = seqKey
+      victims.push({ hex, seqKey, size: v.length, idKey: this.#identityKey(clientId, entry) })
+      messages++
+      bytes += v.length
+      if (enough()) break
+    }
+    if (cursor !== undefined) q.cursor = cursor
+    if (!enough()) {
+      for (const [hex, mark] of q.marks) {
+        if (mark.state !== 'append' || seen.has(hex)) continue
+        victims.push({ hex, seqKey: mark.seqKey, size: mark.size, idKey: mark.idKey })
+        messages++
+        bytes += mark.size
+        if (enough()) break
+      }
+    }
+    return victims
   }
 
   /**
    * Before a delivery: a packet with brokerId/brokerCounter sets the messageId of the queued entry
    * with that identity. Otherwise (or if no entry has that identity) the entry holding
    * `packet.messageId` is replaced by `packet` (PUBLISH → PUBREL). Rejects `no such packet`.
+   * A PUBLISH whose identity was dropped for a full queue resolves without writing: aedes then
+   * sends it once, unstored (rejecting would make aedes close the client's connection).
    * If two live entries are given the same messageId (aedes never does), the id index follows the
    * later one.
    */
   async outgoingUpdate (client: PersistenceClient, packet: PacketLike): Promise<void> {
-    const idKey = this.#identityKey(client.id, packet)
+    const q = this.#state(client.id)
+    const token = this.#beginRead(q)
+    // Updates read concurrently but submit their batches in call order, so they resolve in call
+    // order: aedes answers each PUBREC with a PUBREL once its update resolves, and MQTT.js hands a
+    // QoS 2 message to the application on PUBREL, so out-of-order updates reorder what it sees.
+    const previous = this.#updateTurns.get(client.id) ?? Promise.resolve()
+    let release!: () => void
+    const turn = new Promise<void>((resolve) => { release = resolve })
+    this.#updateTurns.set(client.id, turn)
+    try {
+      await this.#update(client.id, q, packet, previous, release)
+    } finally {
+      release()
+      if (this.#updateTurns.get(client.id) === turn) this.#updateTurns.delete(client.id)
+      this.#endRead(q, token)
+    }
+  }
+
+  /** `previous`: settles when the update called before this one has submitted its batch; `submitted`: say this one has. */
+  async #update (clientId: string, q: QueueState, packet: PacketLike, previous: Promise<void>, submitted: () => void): Promise<void> {
+    const idKey = this.#identityKey(clientId, packet)
     const bySeq = idKey === undefined ? undefined : await this.#byIdentity.get(idKey)
     if (bySeq !== undefined) {
-      const current = await this.#outgoing.get(key(str(client.id), bySeq))
+      const current = await this.#outgoing.get(key(str(clientId), bySeq))
       if (current !== undefined) {
         const entry = decode<PacketLike>(current)
         const ops: StoreOp[] = []
         const oldId = entry.messageId
         entry.messageId = packet.messageId
-        ops.push({ type: 'put', sublevel: this.#outgoing, key: key(str(client.id), bySeq), value: encode(entry) })
-        if (isPacketId(oldId) && oldId !== packet.messageId) {
-          const oldIndex = await this.#byMessageId.get(this.#messageIdKey(client.id, oldId))
-          if (oldIndex !== undefined && oldIndex.equals(bySeq)) {
-            ops.push({ type: 'del', sublevel: this.#byMessageId, key: this.#messageIdKey(client.id, oldId) })
-          }
+        const oldIndex = isPacketId(oldId) && oldId !== packet.messageId
+          ? await this.#byMessageId.get(this.#messageIdKey(clientId, oldId))
+          : undefined
+        await previous
+        // From here to the submission nothing awaits: the marks checked are current.
+        const hex = bySeq.toString('hex')
+        if (q.marks.get(hex)?.state === 'gone') return // dropped or cleared meanwhile: as below
+        const value = encode(entry)
+        ops.push({ type: 'put', sublevel: this.#outgoing, key: key(str(clientId), bySeq), value })
+        if (oldIndex !== undefined && oldIndex.equals(bySeq)) {
+          ops.push({ type: 'del', sublevel: this.#byMessageId, key: this.#messageIdKey(clientId, oldId as number) })
         }
         if (isPacketId(packet.messageId)) {
-          ops.push({ type: 'put', sublevel: this.#byMessageId, key: this.#messageIdKey(client.id, packet.messageId), value: bySeq })
+          ops.push({ type: 'put', sublevel: this.#byMessageId, key: this.#messageIdKey(clientId, packet.messageId), value: bySeq })
         }
-        await this.#write(ops)
+        await this.#replaceEntry(clientId, q, hex, bySeq, current.length, value, ops, isPacketId(packet.messageId), submitted)
         return
       }
     }
+    if (idKey !== undefined && packet.cmd === 'publish' && this.#droppedIds.delete(idKey.toString('hex'))) return
     if (!isPacketId(packet.messageId)) throw new Error('no such packet')
-    const seqKey = await this.#byMessageId.get(this.#messageIdKey(client.id, packet.messageId))
-    const current = seqKey === undefined ? undefined : await this.#outgoing.get(key(str(client.id), seqKey))
+    const seqKey = await this.#byMessageId.get(this.#messageIdKey(clientId, packet.messageId))
+    const current = seqKey === undefined ? undefined : await this.#outgoing.get(key(str(clientId), seqKey))
     if (seqKey === undefined || current === undefined) throw new Error('no such packet')
-    const ops: StoreOp[] = [{ type: 'put', sublevel: this.#outgoing, key: key(str(client.id), seqKey), value: encode(packet) }]
-    const oldIdKey = this.#identityKey(client.id, decode<PacketLike>(current))
-    const newIdKey = this.#identityKey(client.id, packet)
+    await previous
+    const hex = seqKey.toString('hex')
+    if (q.marks.get(hex)?.state === 'gone') throw new Error('no such packet')
+    const value = encode(packet)
+    const ops: StoreOp[] = [{ type: 'put', sublevel: this.#outgoing, key: key(str(clientId), seqKey), value }]
+    const oldIdKey = this.#identityKey(clientId, decode<PacketLike>(current))
+    const newIdKey = this.#identityKey(clientId, packet)
     if (oldIdKey !== undefined && (newIdKey === undefined || !oldIdKey.equals(newIdKey))) {
       ops.push({ type: 'del', sublevel: this.#byIdentity, key: oldIdKey })
     }
     if (newIdKey !== undefined) ops.push({ type: 'put', sublevel: this.#byIdentity, key: newIdKey, value: seqKey })
-    await this.#write(ops)
+    await this.#replaceEntry(clientId, q, hex, seqKey, current.length, value, ops, true, submitted)
+  }
+
+  /** Submits the batch of an update (the entry's size change counted), claiming the entry as in flight. */
+  async #replaceEntry (clientId: string, q: QueueState, hex: string, seqKey: Buffer, oldSize: number, value: Buffer, ops: StoreOp[], inFlight: boolean, submitted: () => void): Promise<void> {
+    const delta = value.length - oldSize
+    this.#addCounts(q, 0, delta)
+    if (delta !== 0) ops.push(this.#counterOp(clientId))
+    let mark: Mark | undefined
+    if (inFlight && this.#policy === 'drop-oldest') {
+      mark = { state: 'claim', writtenAt: undefined, seqKey, size: value.length, idKey: undefined }
+      q.marks.set(hex, mark)
+    }
+    try {
+      const write = this.#write(ops)
+      submitted()
+      await write
+    } catch (err) {
+      this.#addCounts(q, 0, -delta)
+      if (mark !== undefined && q.marks.get(hex) === mark) q.marks.delete(hex)
+      throw err
+    }
+    if (mark !== undefined) this.#written([{ q, hex, mark }])
   }
 
   /** On PUBACK/PUBCOMP: removes the entry holding `packet.messageId` and returns it (undefined if none). */
   async outgoingClearMessageId (client: PersistenceClient, packet: { messageId?: number } | undefined): Promise<PacketLike | undefined> {
     const messageId = packet?.messageId
     if (!isPacketId(messageId)) return undefined
-    const idxKey = this.#messageIdKey(client.id, messageId)
-    const seqKey = await this.#byMessageId.get(idxKey)
-    if (seqKey === undefined) return undefined
-    const entryKey = key(str(client.id), seqKey)
-    const current = await this.#outgoing.get(entryKey)
-    const ops: StoreOp[] = [{ type: 'del', sublevel: this.#byMessageId, key: idxKey }]
-    const entry = current === undefined ? undefined : decode<PacketLike>(current)
-    if (entry !== undefined) {
-      ops.push({ type: 'del', sublevel: this.#outgoing, key: entryKey })
-      const idKey = this.#identityKey(client.id, entry)
-      if (idKey !== undefined) ops.push({ type: 'del', sublevel: this.#byIdentity, key: idKey })
+    const q = this.#state(client.id)
+    const token = this.#beginRead(q)
+    let write: Promise<void>
+    let entry: PacketLike | undefined
+    let mark: Mark | undefined
+    let hex = ''
+    try {
+      const idxKey = this.#messageIdKey(client.id, messageId)
+      const seqKey = await this.#byMessageId.get(idxKey)
+      if (seqKey === undefined) return undefined
+      const entryKey = key(str(client.id), seqKey)
+      const current = await this.#outgoing.get(entryKey)
+      // From here to the submission nothing awaits: the marks checked are current.
+      const ops: StoreOp[] = [{ type: 'del', sublevel: this.#byMessageId, key: idxKey }]
+      entry = current === undefined ? undefined : decode<PacketLike>(current)
+      hex = seqKey.toString('hex')
+      if (current !== undefined && entry !== undefined && q.marks.get(hex)?.state !== 'gone') {
+        ops.push({ type: 'del', sublevel: this.#outgoing, key: entryKey })
+        const idKey = this.#identityKey(client.id, entry)
+        if (idKey !== undefined) ops.push({ type: 'del', sublevel: this.#byIdentity, key: idKey })
+        mark = { state: 'gone', writtenAt: undefined, seqKey, size: current.length, idKey }
+        q.marks.set(hex, mark)
+        this.#addCounts(q, -1, -current.length)
+        ops.push(this.#counterOp(client.id))
+      }
+      write = this.#write(ops)
+    } finally {
+      this.#endRead(q, token)
     }
-    await this.#write(ops)
-    if (entry !== undefined) {
-      const n = (this.#queued.get(client.id) ?? 1) - 1
-      if (n > 0) this.#queued.set(client.id, n)
-      else this.#queued.delete(client.id)
+    try {
+      await write
+    } catch (err) {
+      if (mark !== undefined && q.marks.get(hex) === mark) {
+        q.marks.delete(hex)
+        this.#addCounts(q, 1, mark.size)
+      }
+      throw err
     }
+    if (mark !== undefined) this.#written([{ q, hex, mark }])
     return entry
+  }
+
+  // ---- queue counters and marks ---------------------------------------------------------------
+
+  /** The queue state of `clientId`, created empty if missing. */
+  #state (clientId: string): QueueState {
+    let q = this.#queues.get(clientId)
+    if (q === undefined) {
+      q = { clientId, messages: 0, bytes: 0, marks: new Map(), readers: new Map(), cursor: undefined }
+      this.#queues.set(clientId, q)
+    }
+    return q
+  }
+
+  /** Drops the state of an empty queue nothing is working on (keeps the map small). */
+  #forgetIfIdle (q: QueueState): void {
+    if (q.messages === 0 && q.marks.size === 0 && q.readers.size === 0 && this.#queues.get(q.clientId) === q) this.#queues.delete(q.clientId)
+  }
+
+  #addCounts (q: QueueState, messages: number, bytes: number): void {
+    q.messages += messages
+    q.bytes += bytes
+    this.#totals.messages += messages
+    this.#totals.bytes += bytes
+  }
+
+  /** The meta op that stores the client's counters as they are now (a delete when the queue is empty). */
+  #counterOp (clientId: string): StoreOp {
+    const q = this.#queues.get(clientId)
+    const k = key(COUNTERS_PREFIX, str(clientId))
+    if (q === undefined || q.messages <= 0) return { type: 'del', sublevel: this.#meta, key: k }
+    return { type: 'put', sublevel: this.#meta, key: k, value: key(u64(q.messages), u64(Math.max(0, q.bytes))) }
+  }
+
+  /** An operation starts reading the queue: marks set from now on are kept until it ends. */
+  #beginRead (q: QueueState): number {
+    const token = this.#nextToken++
+    q.readers.set(token, this.#epoch)
+    return token
+  }
+
+  #endRead (q: QueueState, token: number): void {
+    q.readers.delete(token)
+    this.#purge(q)
+  }
+
+  /** The batch that set these marks is written. */
+  #written (marks: Array<{ q: QueueState, hex: string, mark: Mark }>): void {
+    if (marks.length === 0) return
+    const at = ++this.#epoch
+    const queues = new Set<QueueState>()
+    for (const { q, mark } of marks) {
+      mark.writtenAt = at
+      queues.add(q)
+    }
+    for (const q of queues) this.#purge(q)
+  }
+
+  /** Forgets marks every current reader of the queue can already see on disk. */
+  #purge (q: QueueState): void {
+    let oldest = Infinity
+    for (const started of q.readers.values()) oldest = Math.min(oldest, started)
+    for (const [hex, mark] of q.marks) {
+      if (mark.writtenAt !== undefined && mark.writtenAt <= oldest) q.marks.delete(hex)
+    }
+    this.#forgetIfIdle(q)
+  }
+
+  /** Remembers the identity of a dropped message, so its delivery in progress is not an error. */
+  #rememberDropped (idKey: Buffer): void {
+    this.#droppedIds.set(idKey.toString('hex'), true)
+    if (this.#droppedIds.size > DROPPED_IDS_KEPT) {
+      const oldest = this.#droppedIds.keys().next()
+      if (oldest.done !== true) this.#droppedIds.delete(oldest.value)
+    }
   }
 
   /** The client's queue in order, as a snapshot taken now. */
@@ -521,7 +1008,7 @@ export class LevelPersistence {
    * packets concurrently and publishes each QoS 2 message when its lookup settles, so lookups
    * that overtake each other would reorder that publisher's messages.
    */
-  async incomingGetPacket (client: PersistenceClient, packet: { messageId?: number }): Promise<PacketLike> {
+  async incomingGetPacket (client: PersistenceClient, packet: { messageId?: number, cmd?: string, topic?: unknown, payload?: unknown }): Promise<PacketLike> {
     const lookup = this.#incoming.get(this.#incomingKey(client.id, packet))
     const previous = this.#incomingLookups.get(client.id)
     const settled = lookup.then(() => {}, () => {})
@@ -531,13 +1018,19 @@ export class LevelPersistence {
     if (this.#incomingLookups.get(client.id) === turn) this.#incomingLookups.delete(client.id)
     const v = await lookup
     if (v === undefined) throw new Error('no such packet')
+    const stored = decode<PacketLike>(v)
+    if (isStale(stored, packet)) {
+      // A different message under this id: the entry outlived its exchange (aedes answers PUBREL
+      // with PUBCOMP even when deleting the entry failed), and the client has reused the id.
+      throw new Error('no such packet')
+    }
     const k = this.#incomingKey(client.id, packet)
     if (!this.#incomingThisRun.has(k.toString('hex')) && await this.#incomingPublished.get(k) === undefined) {
       // Stored by a process that died before the message was queued (no mark): aedes would answer
       // the client's re-send with PUBREC and never publish it. Reported absent, it is published now.
       throw new Error('no such packet')
     }
-    return decode<PacketLike>(v)
+    return stored
   }
 
 
@@ -580,10 +1073,20 @@ export class LevelPersistence {
   }
 
   /** Deletes the client's will and returns it (undefined if there was none). */
+  /**
+   * Deletes the client's will and returns it (undefined if there was none). Never rejects: aedes
+   * 1.2 calls it at CONNECT without a rejection handler (`delWill().finally(...)`), so a store
+   * failure here would be an unhandled rejection that ends the process. A will that could not be
+   * deleted stays stored; the putWill that follows fails the CONNECT instead.
+   */
   async delWill (client: PersistenceClient): Promise<PacketLike | undefined> {
-    const will = await this.getWill(client)
-    if (will !== undefined) await this.#write([{ type: 'del', sublevel: this.#wills, key: utf8(client.id) }])
-    return will
+    try {
+      const will = await this.getWill(client)
+      if (will !== undefined) await this.#write([{ type: 'del', sublevel: this.#wills, key: utf8(client.id) }])
+      return will
+    } catch {
+      return undefined
+    }
   }
 
   /** Wills whose brokerId is not a key of `brokers` (brokers that are alive). */
@@ -648,7 +1151,8 @@ export class LevelPersistence {
   async expireSessions (before: number, now: number, connected: (clientId: string) => boolean): Promise<string[]> {
     const away = new Map<string, number>()
     for await (const [k, v] of this.#sessions.iterator()) away.set(splitFirst(k)[0], readU64(v))
-    for (const clientId of new Set([...this.#clientSubs.keys(), ...this.#queued.keys()])) {
+    const queued = [...this.#queues.values()].filter(q => q.messages > 0).map(q => q.clientId)
+    for (const clientId of new Set([...this.#clientSubs.keys(), ...queued])) {
       if (!away.has(clientId) && !connected(clientId)) {
         await this.sessionDisconnected(clientId, now)
         away.set(clientId, now)
@@ -660,13 +1164,47 @@ export class LevelPersistence {
       await this.#withSubLock(clientId, async () => {
         const topics = [...(this.#clientSubs.get(clientId)?.keys() ?? [])]
         const ops: StoreOp[] = topics.map((t): StoreOp => ({ type: 'del', sublevel: this.#subs, key: this.#subKey(clientId, t) }))
-        for (const sublevel of [this.#outgoing, this.#byIdentity, this.#byMessageId, this.#incoming]) {
-          for await (const k of sublevel.keys(this.#clientRange(clientId))) ops.push({ type: 'del', sublevel, key: k })
+        const q = this.#state(clientId)
+        const token = this.#beginRead(q)
+        const marks: Array<{ q: QueueState, hex: string, mark: Mark }> = []
+        let write: Promise<void>
+        try {
+          // The queue as read now; entries queued meanwhile stay, and stay counted.
+          const prefix = str(clientId)
+          const gone: Array<{ hex: string, seqKey: Buffer, size: number }> = []
+          for await (const [k, v] of this.#outgoing.iterator(this.#clientRange(clientId))) {
+            ops.push({ type: 'del', sublevel: this.#outgoing, key: k })
+            const seqKey = Buffer.from(k.subarray(prefix.length))
+            gone.push({ hex: seqKey.toString('hex'), seqKey, size: v.length })
+          }
+          for (const sublevel of [this.#byIdentity, this.#byMessageId, this.#incoming]) {
+            for await (const k of sublevel.keys(this.#clientRange(clientId))) ops.push({ type: 'del', sublevel, key: k })
+          }
+          // From here to the submission nothing awaits: the marks checked are current.
+          for (const { hex, seqKey, size } of gone) {
+            if (q.marks.get(hex)?.state === 'gone') continue // already deleted (and uncounted) by another batch
+            const mark: Mark = { state: 'gone', writtenAt: undefined, seqKey, size, idKey: undefined }
+            q.marks.set(hex, mark)
+            marks.push({ q, hex, mark })
+            this.#addCounts(q, -1, -size)
+          }
+          ops.push(this.#counterOp(clientId))
+          ops.push({ type: 'del', sublevel: this.#sessions, key: str(clientId) })
+          write = this.#write(ops)
+        } finally {
+          this.#endRead(q, token)
         }
-        ops.push({ type: 'del', sublevel: this.#sessions, key: str(clientId) })
-        await this.#write(ops)
+        try {
+          await write
+        } catch (err) {
+          for (const { hex, mark } of marks) {
+            if (q.marks.get(hex) === mark) q.marks.delete(hex)
+            this.#addCounts(q, 1, mark.size)
+          }
+          throw err
+        }
+        this.#written(marks)
         this.#applyRemove(clientId, topics)
-        this.#queued.delete(clientId)
       })
       ended.push(clientId)
     }
@@ -693,7 +1231,10 @@ export class LevelPersistence {
   /** Submits one batch; once written, records the sequence reservation it carries (if any). */
   async #write (ops: StoreOp[], reservation?: number): Promise<void> {
     if (ops.length === 0) return
+    const marker = this.#countersMarkerPending
+    if (marker) ops.push({ type: 'put', sublevel: this.#meta, key: COUNTERS_VERSION_KEY, value: Buffer.from([COUNTERS_VERSION]) })
     await this.#store.writer.write(ops)
+    if (marker) this.#countersMarkerPending = false
     if (reservation !== undefined && reservation > this.#durableReserved) this.#durableReserved = reservation
   }
 }
@@ -714,6 +1255,19 @@ function subRecord (sub: Subscription): SubRecord {
   const record: SubRecord = { qos: sub.qos, rh: sub.rh, rap: sub.rap, nl: sub.nl }
   if (sub.subscriptionIdentifier !== undefined) record.subscriptionIdentifier = sub.subscriptionIdentifier
   return record
+}
+
+/**
+ * True when `incoming` is a PUBLISH that is not a re-send of the stored inbound packet: another
+ * topic or payload. (A PUBREL lookup carries neither and is never stale.)
+ */
+function isStale (stored: PacketLike, incoming: { cmd?: string, topic?: unknown, payload?: unknown }): boolean {
+  if (incoming.cmd !== 'publish') return false
+  if (incoming.topic !== stored.topic) return true
+  const a = incoming.payload
+  const b = stored.payload
+  const bytes = (p: unknown): Buffer => Buffer.isBuffer(p) ? p : p instanceof Uint8Array ? Buffer.from(p.buffer, p.byteOffset, p.byteLength) : Buffer.from(String(p ?? ''))
+  return !bytes(a).equals(bytes(b))
 }
 
 function isPacketId (id: unknown): id is number {

@@ -82,9 +82,13 @@ describe('LevelPersistence: outgoing queues', () => {
         return store.db.batch(ops, options)
       }
     }
-    const p = new LevelPersistence({ ...store, writer: new GroupCommitWriter(flaky, 'os') })
+    const writer = new GroupCommitWriter(flaky, 'os')
+    const p = new LevelPersistence({ ...store, writer })
     await p.setup({ id: 'b' })
     await expect(p.outgoingEnqueue({ clientId: 'c' }, publish('t', 'lost'))).rejects.toThrow('I/O error')
+    expect(p.queuedMessages('c')).toBe(0)
+    // The writer refuses writes after a failed batch until the store has recovered.
+    writer.resume()
     await p.outgoingEnqueue({ clientId: 'c' }, publish('t', 'kept'))
     await p.destroy()
 

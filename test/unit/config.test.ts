@@ -44,6 +44,8 @@ const DEFAULTS = {
   limits: {
     maxPacketSize: 1_048_576,
     maxQueuedMessages: 100_000,
+    maxQueuedBytes: 134_217_728,
+    queueFullPolicy: 'drop-new',
     connectTimeoutMs: 10_000,
     drainTimeoutMs: 10_000,
     maxClientBufferBytes: 8_388_608,
