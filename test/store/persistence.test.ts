@@ -268,6 +268,33 @@ describe('LevelPersistence: subscriptions, incoming, wills across a reopen', () 
   })
 })
 
+describe('LevelPersistence: inbound QoS 2 entries left behind, and a failing store', () => {
+  it('treats a PUBLISH with a stored id but another topic or payload as new (a stale entry), and a re-send as a duplicate', async () => {
+    const p = await open(tempDir())
+    const client = { id: 'pub-1' }
+    await p.incomingStorePacket(client, publish('t/a', 'first', { qos: 2, messageId: 7 }))
+    // The re-send: same id, topic and payload (DUP set) is the stored message.
+    expect(String((await p.incomingGetPacket(client, publish('t/a', 'first', { qos: 2, messageId: 7, dup: true }))).payload)).toBe('first')
+    // PUBREL carries only the id.
+    expect(String((await p.incomingGetPacket(client, { messageId: 7 })).payload)).toBe('first')
+    // The id reused for another message (its PUBREL was answered but the delete failed): new.
+    await expect(p.incomingGetPacket(client, publish('t/a', 'second', { qos: 2, messageId: 7 }))).rejects.toThrow('no such packet')
+    await expect(p.incomingGetPacket(client, publish('t/b', 'first', { qos: 2, messageId: 7 }))).rejects.toThrow('no such packet')
+    await p.destroy()
+  })
+
+  it('delWill resolves (undefined) rather than rejecting when the store cannot be read', async () => {
+    const dir = tempDir()
+    const store = await openStore(dir, 'fsync')
+    const p = new LevelPersistence(store)
+    await p.setup({ id: 'b' })
+    await p.putWill({ id: 'w-1' }, publish('will/t', 'bye'))
+    await store.db.close()
+    await expect(p.delWill({ id: 'w-1' })).resolves.toBeUndefined()
+    await store.close()
+  })
+})
+
 describe('LevelPersistence: store ownership', () => {
   it('leaves a shared store open on destroy() with closeStoreOnDestroy: false', async () => {
     const store = await openStore(tempDir(), 'os')
