@@ -1006,33 +1006,36 @@ export class LevelPersistence {
    * The stored inbound packet; rejects `no such packet` when absent (aedes reads that as "new").
    * Answers for one client resolve in the order they were asked: aedes handles a socket read's
    * packets concurrently and publishes each QoS 2 message when its lookup settles, so lookups
-   * that overtake each other would reorder that publisher's messages.
+   * that overtake each other would reorder that publisher's messages. Every read a lookup needs
+   * happens before its turn: a re-send after a restart reads the `I` mark too, and answered after
+   * the turn it fell behind the new messages sent after it (found by the kill -9 rounds).
    */
   async incomingGetPacket (client: PersistenceClient, packet: { messageId?: number, cmd?: string, topic?: unknown, payload?: unknown }): Promise<PacketLike> {
-    const lookup = this.#incoming.get(this.#incomingKey(client.id, packet))
+    const lookup = this.#lookupIncoming(this.#incomingKey(client.id, packet), packet)
     const previous = this.#incomingLookups.get(client.id)
     const settled = lookup.then(() => {}, () => {})
     const turn = previous === undefined ? settled : previous.then(() => settled)
     this.#incomingLookups.set(client.id, turn)
     await turn
     if (this.#incomingLookups.get(client.id) === turn) this.#incomingLookups.delete(client.id)
-    const v = await lookup
-    if (v === undefined) throw new Error('no such packet')
-    const stored = decode<PacketLike>(v)
-    if (isStale(stored, packet)) {
-      // A different message under this id: the entry outlived its exchange (aedes answers PUBREL
-      // with PUBCOMP even when deleting the entry failed), and the client has reused the id.
-      throw new Error('no such packet')
-    }
-    const k = this.#incomingKey(client.id, packet)
-    if (!this.#incomingThisRun.has(k.toString('hex')) && await this.#incomingPublished.get(k) === undefined) {
-      // Stored by a process that died before the message was queued (no mark): aedes would answer
-      // the client's re-send with PUBREC and never publish it. Reported absent, it is published now.
-      throw new Error('no such packet')
-    }
+    const stored = await lookup
+    if (stored === undefined) throw new Error('no such packet')
     return stored
   }
 
+  /** The stored inbound packet under `k` if `packet` is a re-send of it (or a PUBREL for it), else undefined. */
+  async #lookupIncoming (k: Buffer, packet: { cmd?: string, topic?: unknown, payload?: unknown }): Promise<PacketLike | undefined> {
+    const v = await this.#incoming.get(k)
+    if (v === undefined) return undefined
+    const stored = decode<PacketLike>(v)
+    // A different message under this id: the entry outlived its exchange (aedes answers PUBREL
+    // with PUBCOMP even when deleting the entry failed), and the client has reused the id.
+    if (isStale(stored, packet)) return undefined
+    // Stored by a process that died before the message was queued (no mark): aedes would answer
+    // the client's re-send with PUBREC and never publish it. Reported absent, it is published now.
+    if (!this.#incomingThisRun.has(k.toString('hex')) && await this.#incomingPublished.get(k) === undefined) return undefined
+    return stored
+  }
 
   /** Deletes a stored inbound packet; rejects `no such packet` when absent, as the in-memory store does. */
   async incomingDelPacket (client: PersistenceClient, packet: { messageId?: number }): Promise<void> {
