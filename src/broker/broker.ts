@@ -52,6 +52,8 @@ interface ConnectInfo { clientId: string, clean: boolean, version: number }
 const IDENTIFIER_REJECTED = 2
 /** The journal key of an inbound QoS 1 PUBLISH, set in authorizePublish, read in published (same packet object). */
 const JOURNAL_KEY = Symbol('ferrymq.journalKey')
+/** How long shutdown waits for acknowledged QoS 1 messages to finish storing (the CLI allows 5 s in all). */
+const JOURNAL_DRAIN_MS = 2000
 
 export function createBroker (config: Config, options: BrokerOptions = {}): Broker {
   return new FerryBroker(config, options)
@@ -70,6 +72,8 @@ class FerryBroker implements Broker {
   private lastJournalKey: Buffer | null = null
   /** Set while journal entries are published again after a store failure: new PUBLISHes wait, so order holds. */
   private publishGate: Promise<void> | null = null
+  /** Called when the last journaled message has been published (set while shutting down). */
+  private onJournalDrained: (() => void) | null = null
   /** The last count of retained messages (served while the store cannot be read). */
   private retainedCounted = 0
   private readonly listeners = new Map<ListenerName, Listener>()
@@ -185,6 +189,9 @@ class FerryBroker implements Broker {
     // Stop accepting first, then close the clients aedes knows, then any socket that never sent
     // CONNECT; the store closes last, once its writer has finished what is queued.
     const listenersClosed = Promise.all([...this.listeners.values()].map((l) => l.close()))
+    // QoS 1 messages already acknowledged finish their pipeline first: closed under them, aedes
+    // would not reach `published`, and the journal would publish them again at the next start.
+    await this.journalDrained(JOURNAL_DRAIN_MS)
     const aedes = this.aedes
     if (aedes !== null) await new Promise<void>((resolve) => aedes.close(() => resolve()))
     for (const conn of this.connections) conn.destroy()
@@ -291,6 +298,8 @@ class FerryBroker implements Broker {
 
   private authorizePublish (client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void {
     if (client === null) return done(null) // the broker's own messages ($SYS, wills)
+    // Stopping: nothing more is acknowledged (the client sends it again to the next process).
+    if (this.closing !== null && packet.qos > 0) return done(new Error('PUBLISH refused: the broker is stopping'))
     const topic = packet.topic
     const problem = topicNameProblem(topic, this.config.limits) ??
       (topic.startsWith('$SYS/') || topic === '$SYS' ? 'topic $SYS is reserved for the broker' : null)
@@ -331,6 +340,7 @@ class FerryBroker implements Broker {
     const entryKey = (packet as unknown as Record<symbol, Buffer | undefined>)[JOURNAL_KEY]
     if (entryKey !== undefined && this.persistence !== null) {
       this.journaled.delete(entryKey.toString('hex'))
+      if (this.journaled.size === 0) this.onJournalDrained?.()
       this.persistence.journalDelete(entryKey).catch((err: Error) => {
         // Left in the journal, the message is published again at the next start: a duplicate, not a loss.
         this.logger.warn({ err: err.message }, 'journal entry not deleted; it will be replayed at the next start')
@@ -386,6 +396,22 @@ class FerryBroker implements Broker {
       this.logger.info({ replayed }, 'published again the messages acknowledged but not stored before the last stop')
     }
     return replayed
+  }
+
+  /** Resolves once no journaled message is still in its pipeline, or after `ms`. */
+  private async journalDrained (ms: number): Promise<void> {
+    if (this.journaled.size === 0) return
+    const pending = this.journaled.size
+    let timer: NodeJS.Timeout | undefined
+    await new Promise<void>((resolve) => {
+      this.onJournalDrained = resolve
+      timer = setTimeout(resolve, ms)
+    })
+    clearTimeout(timer)
+    this.onJournalDrained = null
+    if (this.journaled.size > 0) {
+      this.logger.warn({ pending, left: this.journaled.size }, 'stopping with acknowledged messages not yet stored everywhere: they are published again at the next start')
+    }
   }
 
   /** Logs, counts and acts on what the store reports. */
