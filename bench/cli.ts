@@ -8,6 +8,14 @@ import { runBench } from './run.js'
 import { SCENARIOS } from './scenarios.js'
 
 const PEERS: readonly PeerName[] = ['ferrymq', 'ferrymq-os', 'ferrymq-fsync', 'mosquitto', 'mosquitto-persist']
+/** Named sets of scenarios and brokers; --scenario, --brokers and --name still override them. */
+const SUITES: Record<string, { scenarios: readonly string[], brokers: readonly PeerName[], description: string }> = {
+  durability: {
+    scenarios: ['fanin-q1', 'backlog', 'startup'],
+    brokers: PEERS,
+    description: 'fan-in QoS 1, backlog and start-up with queued messages, every FerryMQ durability mode against Mosquitto with persistence false and true',
+  },
+}
 const RESULTS = fileURLToPath(new URL('./results/', import.meta.url))
 
 const HELP = `Usage: npm run bench -- [options]
@@ -15,8 +23,10 @@ const HELP = `Usage: npm run bench -- [options]
 Runs FerryMQ and Mosquitto side by side on loopback, each scenario on each broker, alternating,
 and writes bench/results/<date>-<name>.{json,md,svg}.
 
-  --full                 longer runs, 10,000 connections, 100,000-message backlog, + mosquitto-persist
-  --scenario NAME[,…]    only these scenarios (${SCENARIOS.map((s) => s.name).join(', ')})
+  --full                 longer runs, 10,000 connections, 100,000-message backlog, 1,000,000 queued at start-up, + mosquitto-persist
+  --suite NAME           a named set of scenarios and brokers, written as <date>-NAME.*:
+${Object.entries(SUITES).map(([name, s]) => `                           ${name}: ${s.description} (${s.scenarios.join(', ')} on ${s.brokers.join(', ')})`).join('\n')}
+  --scenario NAME[,…]    only these scenarios (${SCENARIOS.map((s) => s.name).join(', ')}; startup only on request)
   --brokers NAME[,…]     brokers to run (${PEERS.join(', ')}); default ferrymq,mosquitto (quick)
   --reps N               runs per scenario and broker (default 3)
   --duration MS          measured window of a throughput run (default 2000 quick, 5000 full)
@@ -35,6 +45,7 @@ async function main (): Promise<number> {
   const { values } = parseArgs({
     options: {
       full: { type: 'boolean', default: false },
+      suite: { type: 'string' },
       scenario: { type: 'string' },
       brokers: { type: 'string' },
       reps: { type: 'string' },
@@ -52,7 +63,9 @@ async function main (): Promise<number> {
     return 0
   }
   const full = values.full === true
-  const brokers = list(values.brokers, full ? ['ferrymq', 'mosquitto', 'mosquitto-persist'] : ['ferrymq', 'mosquitto'])
+  const suite = values.suite === undefined ? undefined : SUITES[values.suite]
+  if (values.suite !== undefined && suite === undefined) throw new Error(`unknown suite "${values.suite}"; known: ${Object.keys(SUITES).join(', ')}`)
+  const brokers = list(values.brokers, suite?.brokers ?? (full ? ['ferrymq', 'mosquitto', 'mosquitto-persist'] : ['ferrymq', 'mosquitto']))
   const unknown = brokers.filter((b) => !PEERS.includes(b as PeerName))
   if (unknown.length > 0) throw new Error(`unknown broker ${unknown.join(', ')}; known: ${PEERS.join(', ')}`)
   if (brokers.some((b) => b.startsWith('mosquitto')) && mosquittoVersion() === 'not installed') {
@@ -66,7 +79,8 @@ async function main (): Promise<number> {
 
   const started = Date.now()
   const result = await runBench({
-    scenarios: list(values.scenario, SCENARIOS.map((s) => s.name)),
+    // startup (persistent brokers only, minutes of filling) runs with --suite durability or --scenario startup.
+    scenarios: list(values.scenario, suite?.scenarios ?? SCENARIOS.filter((s) => s.persistentOnly !== true).map((s) => s.name)),
     brokers: brokers as PeerName[],
     reps,
     quick: !full,
@@ -76,7 +90,7 @@ async function main (): Promise<number> {
     progress: (line) => process.stderr.write(`${line}  (${Math.round((Date.now() - started) / 1000)} s)\n`),
   })
 
-  const name = `${result.date.slice(0, 10)}-${values.name ?? result.mode}`
+  const name = `${result.date.slice(0, 10)}-${values.name ?? values.suite ?? result.mode}`
   const jsonPath = values.json ?? join(RESULTS, `${name}.json`)
   mkdirSync(dirname(jsonPath), { recursive: true })
   mkdirSync(RESULTS, { recursive: true })

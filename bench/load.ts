@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads'
 import type { PublisherJob, PublisherResult } from './publisher-worker.js'
-import { PUBLISH, PUBREL, PUBACK, PUBREC, PUBCOMP, ackPacket, openSession, publishBodyParts, subscribe, type Session } from './wire.js'
+import { PUBLISH, PUBREL, PUBACK, PUBREC, PUBCOMP, ackPacket, messageIdOffset, openSession, publishBodyParts, publishPacket, subscribe, type Session } from './wire.js'
 
 const WORKER = new URL('./worker-entry.mjs', import.meta.url)
 
@@ -79,4 +79,56 @@ export async function until (check: () => boolean, timeoutMs: number, what: stri
     if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms: ${what}`)
     await new Promise((resolve) => setTimeout(resolve, 10))
   }
+}
+
+/**
+ * Publishes `total` QoS 1 messages of `payloadSize` bytes to `topic` over `connections`
+ * connections, each keeping `window` in flight; resolves once the broker has acknowledged them
+ * all (so they are queued for every subscriber). Returns the milliseconds it took.
+ */
+export async function publishAcknowledged (port: number, options: {
+  topic: string, total: number, payloadSize: number, connections: number, window: number, clientIdPrefix: string, timeoutMs: number,
+}): Promise<number> {
+  const template = publishPacket(options.topic, Buffer.alloc(options.payloadSize, 0x62), 1, 1)
+  const idAt = messageIdOffset(template)
+  const sessions = await Promise.all(Array.from({ length: options.connections }, (_v, i) => openSession(port, `${options.clientIdPrefix}${i}`)))
+  let sent = 0
+  let acked = 0
+  let failure: Error | null = null
+  const start = performance.now()
+  for (const session of sessions) {
+    let nextId = 1
+    const send = (n: number): void => {
+      const parts: Buffer[] = []
+      for (let i = 0; i < n && sent < options.total; i++, sent++) {
+        const p = Buffer.from(template)
+        p.writeUInt16BE(nextId, idAt)
+        nextId = nextId === 65535 ? 1 : nextId + 1
+        parts.push(p)
+      }
+      if (parts.length > 0) session.socket.write(parts.length === 1 ? parts[0] as Buffer : Buffer.concat(parts))
+    }
+    session.socket.on('error', (err) => { failure ??= err })
+    session.socket.on('close', () => { if (acked < options.total) failure ??= new Error('publisher connection closed by the broker') })
+    // Acknowledgements are counted per frame and answered with one write per read.
+    let owed = 0
+    session.onFrame((type) => {
+      if (type === PUBACK) {
+        acked++
+        owed++
+      }
+    })
+    session.socket.on('data', () => {
+      if (owed > 0) send(owed)
+      owed = 0
+    })
+    send(options.window)
+  }
+  try {
+    await until(() => acked >= options.total || failure !== null, options.timeoutMs, `${options.total} messages acknowledged (got ${acked})`)
+  } finally {
+    for (const s of sessions) s.socket.destroy()
+  }
+  if (failure !== null) throw failure
+  return performance.now() - start
 }

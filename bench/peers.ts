@@ -1,5 +1,5 @@
 import { spawn, fork, execFileSync, type ChildProcess } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { connect as netConnect, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -9,15 +9,30 @@ import { fileURLToPath } from 'node:url'
 export interface Peer {
   readonly name: string
   readonly port: number
+  /** The current process (it changes when the peer restarts). */
   readonly pid: number
-  /** User + system CPU seconds the process has used so far. */
+  /** Keeps queued messages across a restart: ferrymq-os, ferrymq-fsync, mosquitto-persist. */
+  readonly persistent: boolean
+  /** User + system CPU seconds the peer's processes have used so far (over restarts). */
   cpuSeconds (): number
   /** Resident set size now, in bytes. */
   rssBytes (): number
+  /** Bytes under the peer's directory (config, data directory or persistence file). */
+  diskBytes (): number
   /** The sink only: PUBLISH packets it has received. */
   received? (): Promise<number>
+  /**
+   * Brokers only: stops the process cleanly (SIGTERM, then waits for it to exit; Mosquitto writes
+   * its persistence file then), keeps the peer's directory and spawns it again on the same port,
+   * FerryMQ with `durability` if given (same on-disk format for `os` and `fsync`). Resolves right
+   * after the spawn, with performance.now() at the spawn, before the broker listens: the caller
+   * times how long it takes to accept a client.
+   */
+  restart? (options?: { durability?: FerryDurability }): Promise<number>
   stop (): Promise<void>
 }
+
+export type FerryDurability = 'memory' | 'os' | 'fsync'
 
 export type PeerName = 'ferrymq' | 'ferrymq-os' | 'ferrymq-fsync' | 'mosquitto' | 'mosquitto-persist' | 'sink'
 
@@ -61,22 +76,36 @@ async function waitForPort (port: number, proc: ChildProcess, timeoutMs = 15_000
   }
 }
 
+/** Sends SIGTERM and waits for the exit; SIGKILL after `graceMs`. Resolves false if it had to kill. */
+async function terminate (proc: ChildProcess, graceMs: number): Promise<boolean> {
+  if (proc.exitCode !== null || proc.signalCode !== null) return true
+  const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()))
+  proc.kill('SIGTERM')
+  let killed = false
+  const timer = setTimeout(() => { killed = true; proc.kill('SIGKILL') }, graceMs)
+  await exited
+  clearTimeout(timer)
+  return !killed
+}
+
 function stopProcess (proc: ChildProcess, dir: string | null): () => Promise<void> {
   return async () => {
-    if (proc.exitCode === null && proc.signalCode === null) {
-      const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()))
-      proc.kill('SIGTERM')
-      const timer = setTimeout(() => proc.kill('SIGKILL'), 10_000)
-      await exited
-      clearTimeout(timer)
-    }
+    await terminate(proc, 10_000)
     if (dir !== null) rmSync(dir, { recursive: true, force: true })
   }
 }
 
-function peer (name: string, port: number, proc: ChildProcess, dir: string | null): Peer {
-  const pid = proc.pid as number
-  return { name, port, pid, cpuSeconds: () => procCpuSeconds(pid), rssBytes: () => procRssBytes(pid), stop: stopProcess(proc, dir) }
+function dirBytes (path: string): number {
+  let total = 0
+  for (const entry of readdirSync(path, { withFileTypes: true })) {
+    const full = join(path, entry.name)
+    try {
+      total += entry.isDirectory() ? dirBytes(full) : statSync(full).size
+    } catch {
+      // A LevelDB file compacted away while we looked.
+    }
+  }
+  return total
 }
 
 export interface StartOptions {
@@ -84,17 +113,16 @@ export interface StartOptions {
   profileDir?: string
 }
 
-/** Starts one peer with the settings a benchmark needs (connection and queue limits out of the way). */
-export async function startPeer (name: PeerName, options: StartOptions = {}): Promise<Peer> {
-  const port = await freePort()
-  const dir = mkdtempSync(join(tmpdir(), `bench-${name}-`))
+/** Writes the peer's config into `dir` (once) and spawns it; FerryMQ in `durability`. */
+function spawnPeer (name: PeerName, port: number, dir: string, options: StartOptions, durability: FerryDurability): ChildProcess {
   let proc: ChildProcess
   if (name.startsWith('ferrymq')) {
-    const durability = name === 'ferrymq' ? 'memory' : name.slice('ferrymq-'.length)
     const config = join(dir, 'ferrymq.yaml')
     writeFileSync(config, [
       'limits:',
       '  maxConnections: 100000',
+      // The default (100,000) drops messages for a full session queue: out of the way, as for Mosquitto.
+      '  maxQueuedMessages: 10000000',
       'sys:',
       '  intervalSeconds: 0',
       '',
@@ -104,6 +132,8 @@ export async function startPeer (name: PeerName, options: StartOptions = {}): Pr
       '--durability', durability, '--data-dir', join(dir, 'data'), '--log-level', 'error'], { stdio: ['ignore', 'ignore', 'inherit'] })
   } else if (name.startsWith('mosquitto')) {
     const persist = name === 'mosquitto-persist'
+    // Started as root, Mosquitto drops to its own user before it writes the persistence file.
+    if (persist) chmodSync(dir, 0o777)
     const config = join(dir, 'mosquitto.conf')
     writeFileSync(config, [
       `listener ${port} 127.0.0.1`,
@@ -122,21 +152,59 @@ export async function startPeer (name: PeerName, options: StartOptions = {}): Pr
     proc = fork(SINK, [String(port)], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'ignore', 'inherit', 'ipc'] })
   }
   proc.on('error', () => {})
+  return proc
+}
+
+/** Peers that keep queued messages across a restart. */
+export function isPersistent (name: string): boolean {
+  return name === 'ferrymq-os' || name === 'ferrymq-fsync' || name === 'mosquitto-persist'
+}
+
+function ferryDurability (name: PeerName): FerryDurability {
+  return name === 'ferrymq' ? 'memory' : name.slice('ferrymq-'.length) as FerryDurability
+}
+
+/** Starts one peer with the settings a benchmark needs (connection and queue limits out of the way). */
+export async function startPeer (name: PeerName, options: StartOptions = {}): Promise<Peer> {
+  const port = await freePort()
+  const dir = mkdtempSync(join(tmpdir(), `bench-${name}-`))
+  let proc = spawnPeer(name, port, dir, options, ferryDurability(name))
   try {
     await waitForPort(port, proc)
   } catch (err) {
     await stopProcess(proc, dir)()
     throw err
   }
-  const p = peer(name, port, proc, dir)
-  if (name !== 'sink') return p
-  return {
-    ...p,
-    received: () => new Promise<number>((resolve) => {
-      proc.once('message', (m) => resolve((m as { received: number }).received))
-      proc.send('count')
-    }),
+  // CPU of processes that have exited (restarts), read just before each was asked to stop.
+  let pastCpu = 0
+  const p: Peer = {
+    name,
+    port,
+    get pid () { return proc.pid as number },
+    persistent: isPersistent(name),
+    cpuSeconds: () => pastCpu + (proc.exitCode === null && proc.signalCode === null ? procCpuSeconds(proc.pid as number) : 0),
+    rssBytes: () => procRssBytes(proc.pid as number),
+    diskBytes: () => dirBytes(dir),
+    stop: () => stopProcess(proc, dir)(),
   }
+  if (name === 'sink') {
+    return {
+      ...p,
+      received: () => new Promise<number>((resolve) => {
+        proc.once('message', (m) => resolve((m as { received: number }).received))
+        proc.send('count')
+      }),
+    }
+  }
+  p.restart = async (restartOptions = {}) => {
+    pastCpu += procCpuSeconds(proc.pid as number)
+    // A million queued messages take a while to write out (Mosquitto) or close (LevelDB).
+    if (!await terminate(proc, 120_000)) throw new Error(`${name} did not exit within 120 s of SIGTERM`)
+    const spawnedAt = performance.now()
+    proc = spawnPeer(name, port, dir, options, restartOptions.durability ?? ferryDurability(name))
+    return spawnedAt
+  }
+  return p
 }
 
 /** Versions for the report. */

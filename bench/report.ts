@@ -1,8 +1,23 @@
 import { format, type BenchResult, type MetricResult } from './run.js'
 
-/** FerryMQ against this broker in the ratio column. */
+/** FerryMQ against this broker in the main table's ratio column. */
 const BASELINE = 'mosquitto'
 const SUBJECT = 'ferrymq'
+
+/**
+ * Every FerryMQ peer in the run against every Mosquitto peer (ferrymq-fsync / mosquitto-persist, …),
+ * in the order the brokers appear.
+ */
+export function pairs (result: BenchResult): { subject: string, baseline: string }[] {
+  const brokers = [...new Set(result.results.map((r) => r.broker))]
+  return brokers.filter((b) => b.startsWith('ferrymq')).flatMap((subject) =>
+    brokers.filter((b) => b.startsWith('mosquitto')).map((baseline) => ({ subject, baseline })))
+}
+
+/** A ratio as `0.35×`, with two significant digits below 0.1 (`0.0041×`, not `0.00×`). */
+function times (q: number): string {
+  return `${q >= 0.095 ? q.toFixed(2) : q.toPrecision(2)}×`
+}
 
 function cell (r: MetricResult | undefined): string {
   if (r === undefined) return '—'
@@ -41,7 +56,7 @@ export function markdown (result: BenchResult): string {
     `FerryMQ vs Mosquitto — ${result.mode} run, ${result.date.slice(0, 10)}, median of ${result.options.reps} (min–max); ` +
       `ratio > 1 is FerryMQ ahead for ↑ metrics, behind for ↓ ones.`,
     '',
-    `Machine: ${machineLine(result)}.`,
+    `Machine: ${machineLine(result)}.${result.load === undefined ? '' : ` Load average (1 min) ${result.load.start.toFixed(1)} at the start, ${result.load.end.toFixed(1)} at the end.`}`,
     '',
     `| ${head.join(' | ')} |`,
     `|${head.map(() => '---').join('|')}|`,
@@ -54,7 +69,22 @@ export function markdown (result: BenchResult): string {
       const r = find(b)
       return r === undefined || r.cpuSeconds.length === 0 ? '—' : format(r.cpuSeconds.reduce((a, c) => a + c, 0) / r.cpuSeconds.length)
     }).join(' / ')
-    lines.push(`| ${row.scenario} | ${row.metric} (${row.unit} ${row.higherIsBetter ? '↑' : '↓'}) | ${brokers.map((b) => cell(find(b))).join(' | ')} | ${q === undefined ? '—' : `${q.toFixed(2)}×`} | ${cpu} |`)
+    lines.push(`| ${row.scenario} | ${row.metric} (${row.unit} ${row.higherIsBetter ? '↑' : '↓'}) | ${brokers.map((b) => cell(find(b))).join(' | ')} | ${q === undefined ? '—' : times(q)} | ${cpu} |`)
+  }
+  const all = pairs(result)
+  if (all.some((p) => p.subject !== SUBJECT || p.baseline !== BASELINE)) {
+    const ratioHead = ['scenario', 'metric', ...all.map((p) => `${p.subject} / ${p.baseline}`)]
+    lines.push('', 'Every FerryMQ mode against every Mosquitto configuration (medians; — where a broker did not run the scenario):', '',
+      `| ${ratioHead.join(' | ')} |`, `|${ratioHead.map(() => '---').join('|')}|`)
+    for (const row of rows(result)) {
+      if (row.metric === '(failed)') continue
+      const cells = all.map((p) => {
+        const q = ratio(result.results, row.scenario, row.metric, p.subject, p.baseline)
+        return q === undefined ? '—' : times(q)
+      })
+      if (cells.every((c) => c === '—')) continue
+      lines.push(`| ${row.scenario} | ${row.metric} (${row.unit} ${row.higherIsBetter ? '↑' : '↓'}) | ${cells.join(' | ')} |`)
+    }
   }
   const failures = result.results.filter((r) => r.errors.length > 0)
   if (failures.length > 0) {
@@ -77,13 +107,15 @@ function escape (s: string): string {
  * (throughput ratio, or the inverse ratio for latency, memory and time), on a log scale.
  */
 export function svg (result: BenchResult): string {
-  const bars = rows(result).flatMap((row) => {
-    const q = ratio(result.results, row.scenario, row.metric)
+  const all = pairs(result)
+  const many = all.length > 1
+  const bars = rows(result).flatMap((row) => all.flatMap(({ subject, baseline }) => {
+    const q = ratio(result.results, row.scenario, row.metric, subject, baseline)
     if (q === undefined || q <= 0) return []
-    return [{ label: `${row.scenario} · ${row.metric}`, factor: row.higherIsBetter ? q : 1 / q, raw: q }]
-  })
-  const width = 860
-  const left = 300
+    return [{ label: `${row.scenario} · ${row.metric}${many ? ` · ${subject} / ${baseline}` : ''}`, factor: row.higherIsBetter ? q : 1 / q, raw: q }]
+  }))
+  const width = many ? 1020 : 860
+  const left = many ? 460 : 300
   const barHeight = 22
   const top = 70
   const height = top + bars.length * barHeight + 50
@@ -108,7 +140,7 @@ export function svg (result: BenchResult): string {
     const [x1, x2] = bx < one ? [bx, one] : [one, bx]
     parts.push(`<text x="${left - 8}" y="${y + 15}" text-anchor="end">${escape(bar.label)}</text>`)
     parts.push(`<rect x="${x1}" y="${y + 4}" width="${Math.max(1, x2 - x1)}" height="${barHeight - 8}" fill="${bar.factor >= 1 ? '#2e7d32' : '#e65100'}"/>`)
-    parts.push(`<text x="${bx < one ? x1 - 4 : x2 + 4}" y="${y + 15}" text-anchor="${bx < one ? 'end' : 'start'}">${bar.factor.toFixed(2)}×</text>`)
+    parts.push(`<text x="${bx < one ? x1 - 4 : x2 + 4}" y="${y + 15}" text-anchor="${bx < one ? 'end' : 'start'}">${times(bar.factor)}</text>`)
   })
   parts.push('</svg>')
   return parts.join('\n') + '\n'

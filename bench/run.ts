@@ -1,6 +1,8 @@
-import { cpus, totalmem, release } from 'node:os'
+import { execFileSync } from 'node:child_process'
+import { cpus, loadavg, totalmem, release } from 'node:os'
+import { fileURLToPath } from 'node:url'
 import { VERSION } from '../src/version.js'
-import { mosquittoVersion, startPeer, type PeerName } from './peers.js'
+import { isPersistent, mosquittoVersion, startPeer, type PeerName } from './peers.js'
 import { SCENARIOS, type Metric, type Scenario } from './scenarios.js'
 
 export interface BenchOptions {
@@ -37,8 +39,30 @@ export interface BenchResult {
   mode: 'quick' | 'full'
   options: { reps: number, durationMs: number, brokers: readonly string[] }
   machine: Machine
+  /**
+   * The 1-minute load average when the run started and ended: other work on the machine shows up
+   * here (the bench itself keeps about 2 busy).
+   */
+  load?: { start: number, end: number }
   scenarios: { name: string, description: string }[]
   results: MetricResult[]
+}
+
+/**
+ * The FerryMQ measured: the commit of the checkout the bench runs from, marked when src/ differs
+ * from it. BENCH_FERRYMQ_REVISION overrides it (a copy without .git, such as an exported commit).
+ */
+export function revision (): string {
+  const given = process.env.BENCH_FERRYMQ_REVISION
+  if (given !== undefined && given !== '') return given
+  const root = fileURLToPath(new URL('..', import.meta.url))
+  const git = (...args: string[]): string => execFileSync('git', ['--no-optional-locks', '-C', root, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim()
+  try {
+    const head = git('rev-parse', '--short', 'HEAD')
+    return git('status', '--porcelain', '--', 'src') === '' ? head : `${head} + uncommitted changes in src/`
+  } catch {
+    return 'revision unknown'
+  }
 }
 
 export function machine (): Machine {
@@ -49,7 +73,7 @@ export function machine (): Machine {
     node: process.version,
     os: `Linux ${release()}`,
     mosquitto: mosquittoVersion(),
-    ferrymq: VERSION,
+    ferrymq: `${VERSION} (${revision()})`,
   }
 }
 
@@ -69,10 +93,12 @@ export async function runBench (options: BenchOptions): Promise<BenchResult> {
     if (s === undefined) throw new Error(`unknown scenario "${name}"; known: ${SCENARIOS.map((x) => x.name).join(', ')}`)
     return s
   })
+  const loadAtStart = loadavg()[0] as number
   const results = new Map<string, MetricResult>()
   const plan: { scenario: Scenario, broker: PeerName, rep: number }[] = []
   for (const scenario of scenarios) {
     const brokers: PeerName[] = [...options.brokers, ...(options.ceiling && scenario.againstSink ? ['sink' as const] : [])]
+      .filter((b) => scenario.persistentOnly !== true || isPersistent(b))
     for (let rep = 0; rep < options.reps; rep++) {
       for (const broker of rep % 2 === 0 ? brokers : [...brokers].reverse()) plan.push({ scenario, broker, rep })
     }
@@ -118,6 +144,7 @@ export async function runBench (options: BenchOptions): Promise<BenchResult> {
     mode: options.quick ? 'quick' : 'full',
     options: { reps: options.reps, durationMs: options.durationMs, brokers: options.brokers },
     machine: machine(),
+    load: { start: loadAtStart, end: loadavg()[0] as number },
     scenarios: scenarios.map((s) => ({ name: s.name, description: s.description })),
     results: [...results.values()],
   }

@@ -1,6 +1,6 @@
 import hdr from 'hdr-histogram-js'
 import { PUBACK, messageIdOffset, openSession, publishPacket, type Session } from './wire.js'
-import { openSubscriber, startPublishers, until, type Subscriber } from './load.js'
+import { openSubscriber, publishAcknowledged, startPublishers, until, type Subscriber } from './load.js'
 import type { Peer } from './peers.js'
 
 /** One number a scenario reports. */
@@ -24,6 +24,8 @@ export interface Scenario {
   description: string
   /** Runs against the discard sink too (publish-side scenarios), to show the generator's ceiling. */
   againstSink: boolean
+  /** Only for brokers that keep queued messages across a restart (ferrymq-os, ferrymq-fsync, mosquitto-persist). */
+  persistentOnly?: boolean
   run (peer: Peer, options: ScenarioOptions): Promise<Metric[]>
 }
 
@@ -211,4 +213,63 @@ const payloadSweep: Scenario = {
   },
 }
 
-export const SCENARIOS: readonly Scenario[] = [fanIn(0), fanIn(1), fanIn(2), fanOut, latency, connections, backlog, payloadSweep]
+/** Resolves with the CONNACK'd session once the broker accepts a client, retrying refused connections every 5 ms. */
+async function acceptedSession (peer: Peer, clientId: string, timeoutMs: number): Promise<Session> {
+  const deadline = performance.now() + timeoutMs
+  for (;;) {
+    try {
+      return await openSession(peer.port, clientId, true, timeoutMs)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ECONNREFUSED' && (err as NodeJS.ErrnoException).code !== 'ECONNRESET') throw err
+    }
+    try {
+      process.kill(peer.pid, 0)
+    } catch {
+      throw new Error(`${peer.name} exited during start-up`)
+    }
+    if (performance.now() > deadline) throw new Error(`${peer.name} accepted no client within ${timeoutMs} ms of its start`)
+    await new Promise((resolve) => setTimeout(resolve, 5))
+  }
+}
+
+const startup: Scenario = {
+  name: 'startup',
+  description: 'start-up with QoS 1 messages (1,000,000; quick: 100,000; 64 B) queued for one offline persistent session: ' +
+    'filled over the network in the mode under test by 10 publishers with 100 in flight each until all are acknowledged, ' +
+    'broker stopped with SIGTERM, restarted on the same data; seconds from spawn until a new client\'s CONNACK and until the ' +
+    'persistent session, reconnecting then, gets its first queued message; RSS and data on disk after start-up',
+  againstSink: false,
+  persistentOnly: true,
+  async run (peer, { quick }) {
+    if (peer.restart === undefined) throw new Error(`${peer.name} cannot restart`)
+    const total = quick ? 100_000 : 1_000_000
+    const clientId = 'bench-startup'
+    const topic = 'bench/startup'
+    const first = await openSubscriber(peer.port, clientId, topic, 1, { clean: false })
+    const closed = new Promise((resolve) => first.session.socket.once('close', resolve))
+    first.session.socket.end(Buffer.from([0xe0, 0x00]))
+    await closed
+    await publishAcknowledged(peer.port, {
+      topic, total, payloadSize: PAYLOAD, connections: 10, window: 100, clientIdPrefix: 'bench-startup-pub-', timeoutMs: 900_000,
+    })
+
+    const spawnedAt = await peer.restart()
+    const probe = await acceptedSession(peer, 'bench-startup-probe', 120_000)
+    const accepted = performance.now() - spawnedAt
+    probe.socket.destroy()
+    const rss = peer.rssBytes()
+    const disk = peer.diskBytes()
+    const resumed = await openSubscriber(peer.port, clientId, null, 1, { clean: false })
+    await until(() => resumed.received > 0, 120_000, 'first queued message after the restart')
+    const firstMessage = performance.now() - spawnedAt
+    resumed.close()
+    return [
+      { name: 'clients accepted', value: accepted / 1000, unit: 's', higherIsBetter: false },
+      { name: 'first queued message', value: firstMessage / 1000, unit: 's', higherIsBetter: false },
+      { name: 'RSS after start-up', value: rss / 1024 / 1024, unit: 'MiB', higherIsBetter: false },
+      { name: 'data on disk', value: disk / 1024 / 1024, unit: 'MiB', higherIsBetter: false },
+    ]
+  },
+}
+
+export const SCENARIOS: readonly Scenario[] = [fanIn(0), fanIn(1), fanIn(2), fanOut, latency, connections, backlog, payloadSweep, startup]
