@@ -72,6 +72,9 @@ class FerryBroker implements Broker {
   private lastJournalKey: Buffer | null = null
   /** Set while journal entries are published again after a store failure: new PUBLISHes wait, so order holds. */
   private publishGate: Promise<void> | null = null
+  /** Per client, the theoretical arrival time (ms, performance.now()) of its next PUBLISH under limits.maxPublishRate. */
+  private readonly arrival = new WeakMap<Client, number>()
+  private readonly throttleLogged = new WeakSet<Client>()
   /** Called when the last journaled message has been published (set while shutting down). */
   private onJournalDrained: (() => void) | null = null
   /** The last count of retained messages (served while the store cannot be read). */
@@ -307,6 +310,39 @@ class FerryBroker implements Broker {
       this.metrics.messagesDropped.inc({ reason: 'invalid_topic' })
       return done(new Error(`PUBLISH refused: ${problem}`))
     }
+    const wait = this.publishDelay(client)
+    if (wait > 0) {
+      // Over limits.maxPublishRate: answered later. aedes reads the next packets of this socket
+      // only once these are done, so the client is slowed down without anything being dropped.
+      setTimeout(() => this.afterThrottle(client, packet, done), wait)
+      return
+    }
+    this.afterThrottle(client, packet, done)
+  }
+
+  /**
+   * Milliseconds to hold this client's PUBLISH back under limits.maxPublishRate (0: none), by the
+   * generic cell rate algorithm: each message moves the client's theoretical arrival time on by
+   * 1/rate; up to one second ahead of now passes at once (the burst). Successive messages of one
+   * client get non-decreasing delays, so their order holds.
+   */
+  private publishDelay (client: Client): number {
+    const rate = this.config.limits.maxPublishRate
+    if (rate === 0) return 0
+    const now = performance.now()
+    const tat = Math.max(this.arrival.get(client) ?? now, now)
+    this.arrival.set(client, tat + 1000 / rate)
+    const wait = tat - now - 1000
+    if (wait <= 0) return 0
+    this.metrics.publishThrottled.inc()
+    if (!this.throttleLogged.has(client)) {
+      this.throttleLogged.add(client)
+      this.logger.info({ clientId: client.id, maxPublishRate: rate }, 'client publishes faster than limits.maxPublishRate: its messages are taken more slowly')
+    }
+    return Math.ceil(wait)
+  }
+
+  private afterThrottle (client: Client, packet: PublishPacket, done: (err?: Error | null) => void): void {
     // aedes sends the QoS 1 PUBACK as soon as this returns, before its pipeline stores anything:
     // journal the message first, so an acknowledged message survives a crash in between.
     // (QoS 2 is acknowledged only after the pipeline; LevelPersistence marks it queued atomically.)

@@ -70,6 +70,12 @@ const limitsSchema = z.strictObject({
    * drop is counted in ferrymq_messages_dropped_total{reason="queue_full"} and logged.
    */
   queueFullPolicy: z.enum(QUEUE_FULL_POLICIES, { error: `expected one of ${QUEUE_FULL_POLICIES.join(', ')}` }).default('drop-new'),
+  /**
+   * PUBLISH packets per second one client may send, with a burst of one second's worth; past it
+   * the broker acknowledges and reads that client's messages more slowly (TCP backpressure does
+   * the rest), nothing is dropped. 0: no limit.
+   */
+  maxPublishRate: positiveInt('messages per second', 0, 10_000_000, 0),
   /** A socket that has not sent CONNECT by then is closed. */
   connectTimeoutMs: positiveInt('milliseconds', 100, 3_600_000, 10_000),
   /** A subscriber whose socket has not drained for this long is disconnected, so it cannot hold up others. */

@@ -29,6 +29,7 @@ export class Metrics {
   readonly journalReplayed = new Counter({ name: 'ferrymq_journal_replayed_total', help: 'Inbound messages acknowledged before a crash and published again at start-up from the journal', registers: [this.registry] })
   readonly sessionsExpired = new Counter({ name: 'ferrymq_sessions_expired_total', help: 'Persistent sessions ended by limits.sessionExpirySeconds', registers: [this.registry] })
   readonly protocolErrors = new Counter({ name: 'ferrymq_protocol_errors_total', help: 'Connections closed for a protocol violation or limit, by reason', labelNames: ['reason'] as const, registers: [this.registry] })
+  readonly publishThrottled = new Counter({ name: 'ferrymq_publish_throttled_total', help: 'PUBLISH packets held back because their client was over limits.maxPublishRate', registers: [this.registry] })
   readonly storeBatches = new Counter({ name: 'ferrymq_store_batches_total', help: 'Batches the group-commit writer wrote to LevelDB', registers: [this.registry] })
   readonly storeWrites = new Counter({ name: 'ferrymq_store_writes_total', help: 'Store writes (persistence calls) written; several share a batch', registers: [this.registry] })
   readonly storeBatchOps = new Histogram({ name: 'ferrymq_store_batch_operations', help: 'LevelDB operations per batch', buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096], registers: [this.registry] })

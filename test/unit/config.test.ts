@@ -46,6 +46,7 @@ const DEFAULTS = {
     maxQueuedMessages: 100_000,
     maxQueuedBytes: 134_217_728,
     queueFullPolicy: 'drop-new',
+    maxPublishRate: 0,
     connectTimeoutMs: 10_000,
     drainTimeoutMs: 10_000,
     maxClientBufferBytes: 8_388_608,
