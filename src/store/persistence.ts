@@ -233,6 +233,10 @@ export class LevelPersistence {
   readonly #unqueuedIncoming = new WeakMap<object, Buffer>()
   /** Per client, the last pending incomingGetPacket lookup: later ones wait for it to settle. */
   readonly #incomingLookups = new Map<string, Promise<void>>()
+  /** Per client, entries its open outgoingStream has read and outgoingUpdate has not yet taken. */
+  readonly #streamed = new Map<string, Map<string, { seqKey: Buffer, value: Buffer }>>()
+  /** Per client, the last QoS 1 id assignment submitted but maybe not yet written (see #replaceEntry). */
+  readonly #pendingIdWrites = new Map<string, Promise<void>>()
   /** Per client, the turn of the last outgoingUpdate: settles once its batch is submitted. */
   readonly #updateTurns = new Map<string, Promise<void>>()
   #broker: PersistenceBroker | undefined
@@ -755,9 +759,11 @@ export class LevelPersistence {
   /** `previous`: settles when the update called before this one has submitted its batch; `submitted`: say this one has. */
   async #update (clientId: string, q: QueueState, packet: PacketLike, previous: Promise<void>, submitted: () => void): Promise<void> {
     const idKey = this.#identityKey(clientId, packet)
-    const bySeq = idKey === undefined ? undefined : await this.#byIdentity.get(idKey)
+    // The entry as outgoingStream just read it, when aedes delivers from the queue: no reads then.
+    const streamed = idKey === undefined ? undefined : this.#takeStreamed(clientId, idKey)
+    const bySeq = streamed?.seqKey ?? (idKey === undefined ? undefined : await this.#byIdentity.get(idKey))
     if (bySeq !== undefined) {
-      const current = await this.#outgoing.get(key(str(clientId), bySeq))
+      const current = streamed?.value ?? await this.#outgoing.get(key(str(clientId), bySeq))
       if (current !== undefined) {
         const entry = decode<PacketLike>(current)
         const ops: StoreOp[] = []
@@ -778,7 +784,12 @@ export class LevelPersistence {
         if (isPacketId(packet.messageId)) {
           ops.push({ type: 'put', sublevel: this.#byMessageId, key: this.#messageIdKey(clientId, packet.messageId), value: bySeq })
         }
-        await this.#replaceEntry(clientId, q, hex, bySeq, current.length, value, ops, isPacketId(packet.messageId), submitted)
+        // A QoS 1 delivery resolves once its id assignment is submitted, not written: losing it in
+        // a crash only means the message is sent again under a new id, which QoS 1 allows. aedes
+        // drains a queue one message at a time, waiting for this, so the drain no longer waits for
+        // a write (and an fsync) per message. QoS 2 keeps waiting: its id must survive [MQTT-4.3.3].
+        const deferred = packet.cmd === 'publish' && packet.qos === 1 && isPacketId(packet.messageId)
+        await this.#replaceEntry(clientId, q, hex, bySeq, current.length, value, ops, isPacketId(packet.messageId), submitted, deferred)
         return
       }
     }
@@ -798,11 +809,11 @@ export class LevelPersistence {
       ops.push({ type: 'del', sublevel: this.#byIdentity, key: oldIdKey })
     }
     if (newIdKey !== undefined) ops.push({ type: 'put', sublevel: this.#byIdentity, key: newIdKey, value: seqKey })
-    await this.#replaceEntry(clientId, q, hex, seqKey, current.length, value, ops, true, submitted)
+    await this.#replaceEntry(clientId, q, hex, seqKey, current.length, value, ops, true, submitted, false)
   }
 
   /** Submits the batch of an update (the entry's size change counted), claiming the entry as in flight. */
-  async #replaceEntry (clientId: string, q: QueueState, hex: string, seqKey: Buffer, oldSize: number, value: Buffer, ops: StoreOp[], inFlight: boolean, submitted: () => void): Promise<void> {
+  async #replaceEntry (clientId: string, q: QueueState, hex: string, seqKey: Buffer, oldSize: number, value: Buffer, ops: StoreOp[], inFlight: boolean, submitted: () => void, deferred: boolean): Promise<void> {
     const delta = value.length - oldSize
     this.#addCounts(q, 0, delta)
     if (delta !== 0) ops.push(this.#counterOp(clientId))
@@ -811,22 +822,29 @@ export class LevelPersistence {
       mark = { state: 'claim', writtenAt: undefined, seqKey, size: value.length, idKey: undefined }
       q.marks.set(hex, mark)
     }
-    try {
-      const write = this.#write(ops)
-      submitted()
-      await write
-    } catch (err) {
+    const write = this.#write(ops)
+    submitted()
+    const settled = write.then(() => {
+      if (mark !== undefined) this.#written([{ q, hex, mark }])
+    }, (err: unknown) => {
       this.#addCounts(q, 0, -delta)
       if (mark !== undefined && q.marks.get(hex) === mark) q.marks.delete(hex)
       throw err
-    }
-    if (mark !== undefined) this.#written([{ q, hex, mark }])
+    })
+    if (!deferred) return await settled
+    // Reads of this client's id index wait for it (outgoingClearMessageId): the writer applies
+    // batches in order, so waiting for the last one covers every earlier one.
+    const quiet = settled.catch(() => {})
+    this.#pendingIdWrites.set(clientId, quiet)
+    void quiet.then(() => { if (this.#pendingIdWrites.get(clientId) === quiet) this.#pendingIdWrites.delete(clientId) })
   }
 
   /** On PUBACK/PUBCOMP: removes the entry holding `packet.messageId` and returns it (undefined if none). */
   async outgoingClearMessageId (client: PersistenceClient, packet: { messageId?: number } | undefined): Promise<PacketLike | undefined> {
     const messageId = packet?.messageId
     if (!isPacketId(messageId)) return undefined
+    // The id may have been assigned by a write still on its way (a QoS 1 delivery): read after it.
+    await this.#pendingIdWrites.get(client.id)
     const q = this.#state(client.id)
     const token = this.#beginRead(q)
     let write: Promise<void>
@@ -946,16 +964,60 @@ export class LevelPersistence {
 
   /** The client's queue in order, as a snapshot taken now. */
   outgoingStream (client: PersistenceClient): Readable {
-    // Created here, not on first read, so the iterator's implicit snapshot is taken at call time.
-    const iterator = this.#outgoing.iterator(this.#clientRange(client.id))
-    async function * entries (): AsyncGenerator<StoredValue> {
-      try {
-        for await (const [, v] of iterator) yield decode(v)
-      } finally {
-        await iterator.close()
-      }
+    // Created here, not on first read, so the iterator's implicit snapshot is taken at call time,
+    // unless a QoS 1 id assignment is still on its way: then once it is written, before any read.
+    const clientId = client.id
+    const pending = this.#pendingIdWrites.get(clientId)
+    const range = this.#clientRange(clientId)
+    const read: StreamRead = { iterator: pending === undefined ? this.#outgoing.iterator(range) : undefined, started: false, ended: false }
+    // aedes calls outgoingUpdate for each entry right after reading it: the entry is kept for that
+    // call (#takeStreamed), which then reads nothing. Only under drop-new: nothing else deletes an
+    // entry that was not sent yet (drop-oldest does, and its updates read the store as before).
+    const streamed = new Map<string, { seqKey: Buffer, value: Buffer }>()
+    if (this.#policy === 'drop-new') this.#streamed.set(clientId, streamed)
+    const end = (): void => {
+      if (read.ended) return
+      read.ended = true
+      if (this.#streamed.get(clientId) === streamed) this.#streamed.delete(clientId)
     }
-    return Readable.from(entries())
+    const stream = Readable.from(this.#streamEntries(clientId, read, async () => {
+      await pending
+      return this.#outgoing.iterator(range)
+    }, streamed, end))
+    // Destroyed before its first read, the generator never runs its finally.
+    stream.once('close', () => {
+      end()
+      if (!read.started) void read.iterator?.close()
+    })
+    return stream
+  }
+
+  async * #streamEntries (clientId: string, read: StreamRead, open: () => Promise<NonNullable<StreamRead['iterator']>>,
+    streamed: Map<string, { seqKey: Buffer, value: Buffer }>, end: () => void): AsyncGenerator<StoredValue> {
+    read.started = true
+    const prefix = str(clientId).length
+    try {
+      read.iterator ??= await open()
+      for await (const [k, v] of read.iterator) {
+        const entry = decode<PacketLike>(v)
+        const idKey = this.#identityKey(clientId, entry)
+        if (idKey !== undefined && this.#streamed.get(clientId) === streamed) streamed.set(idKey.toString('hex'), { seqKey: Buffer.from(k.subarray(prefix)), value: v })
+        yield entry
+      }
+    } finally {
+      end()
+      await read.iterator?.close()
+    }
+  }
+
+  /** The entry with aedes identity `idKey` as the client's outgoingStream read it, once (undefined if not). */
+  #takeStreamed (clientId: string, idKey: Buffer): { seqKey: Buffer, value: Buffer } | undefined {
+    const streamed = this.#streamed.get(clientId)
+    if (streamed === undefined) return undefined
+    const hex = idKey.toString('hex')
+    const entry = streamed.get(hex)
+    if (entry !== undefined) streamed.delete(hex)
+    return entry
   }
 
   /** The `q` key of a packet's aedes identity, or undefined if it has none. */
@@ -1240,6 +1302,13 @@ export class LevelPersistence {
     if (marker) this.#countersMarkerPending = false
     if (reservation !== undefined && reservation > this.#durableReserved) this.#durableReserved = reservation
   }
+}
+
+/** An outgoingStream's iterator (opened at once, or once a pending write has landed) and its state. */
+interface StreamRead {
+  iterator: (AsyncIterable<[Buffer, Buffer]> & { close (): Promise<void> }) | undefined
+  started: boolean
+  ended: boolean
 }
 
 /** What the inbound journal keeps of a PUBLISH: enough to publish it again. */

@@ -14,6 +14,7 @@ export function connackOf (client: MqttClient): { sessionPresent: boolean, retur
 /** Connects a real MQTT.js client and resolves once CONNACK arrived; rejects on a refusal or after `timeoutMs`. */
 export async function connect (url: string, options: IClientOptions = {}, timeoutMs = 5000): Promise<MqttClient> {
   const client = mqtt.connect(url, { reconnectPeriod: 0, connectTimeout: timeoutMs, ...options })
+  holdEarlyMessages(client)
   live.add(client)
   client.on('end', () => live.delete(client))
   try {
@@ -31,6 +32,26 @@ export async function connect (url: string, options: IClientOptions = {}, timeou
   }
   client.on('error', () => {})
   return client
+}
+
+/**
+ * A broker may send a persistent session's queued messages in the same TCP read as the CONNACK:
+ * MQTT.js then emits them before `await connect(...)` returns and the caller can listen. Messages
+ * that arrive before the first 'message' listener is added are kept and handed to it.
+ */
+function holdEarlyMessages (client: MqttClient): void {
+  const emitter = client as unknown as EventEmitter
+  const early: unknown[][] = []
+  const hold = (...args: unknown[]): void => { early.push(args) }
+  const onNewListener = (event: string | symbol, listener: unknown): void => {
+    if (event !== 'message' || listener === hold) return
+    emitter.off('newListener', onNewListener)
+    emitter.off('message', hold)
+    // The listener is added right after this returns; later messages come from I/O, after this.
+    queueMicrotask(() => { for (const args of early.splice(0)) emitter.emit('message', ...args) })
+  }
+  emitter.on('message', hold)
+  emitter.on('newListener', onNewListener)
 }
 
 /** Ends every client `connect` made that is still open (afterEach). */

@@ -1,7 +1,7 @@
 import { once } from 'node:events'
 import { createServer, type AddressInfo, type Server } from 'node:net'
 import { Aedes } from 'aedes'
-import { connectAsync, type MqttClient } from 'mqtt'
+import mqtt, { connectAsync, type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { openStore } from '../../src/store/open.js'
 import { LevelPersistence } from '../../src/store/persistence.js'
@@ -56,8 +56,13 @@ describe('LevelPersistence under aedes 1.2.0', () => {
     const received: string[] = []
     let again: MqttClient | undefined
     try {
-      again = await connectAsync(broker.url, { clientId: 'sub-1', clean: false, reconnectPeriod: 0 })
+      // Listening before CONNACK: the queued messages can arrive in the same read as the CONNACK.
+      again = mqtt.connect(broker.url, { clientId: 'sub-1', clean: false, reconnectPeriod: 0 })
       again.on('message', (_topic, payload) => received.push(payload.toString()))
+      await new Promise<void>((resolve, reject) => {
+        again?.once('connect', () => resolve())
+        again?.once('error', reject)
+      })
       await until(async () => received.length >= 5)
       expect(received).toEqual(['m1', 'm2', 'm3', 'm4', 'm5'])
       // Acknowledged deliveries leave the queue.
