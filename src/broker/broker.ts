@@ -540,6 +540,10 @@ class FerryBroker implements Broker {
     const now = Date.now()
     const last = this.queueFullLogged.get(event.clientId)
     if (last !== undefined && now - last < 10_000) return
+    if (this.queueFullLogged.size >= 10_000) {
+      // Many sessions full at once: forget the old entries so this map stays bounded too.
+      for (const [clientId, at] of this.queueFullLogged) if (now - at >= 10_000) this.queueFullLogged.delete(clientId)
+    }
     this.queueFullLogged.set(event.clientId, now)
     const setting = event.limit === 'messages' ? 'limits.maxQueuedMessages' : 'limits.maxQueuedBytes'
     this.logger.warn({ clientId: event.clientId, limit: setting, max: event.max, policy: event.policy, dropped: event.dropped },

@@ -398,7 +398,7 @@ async function rawSession (port: number, clientId: string): Promise<{ wire: Wire
     packets.push(packet)
     wake?.()
   }
-  const next = async (cmd: Packet['cmd'], ms = 5000): Promise<Packet> => withTimeout((async () => {
+  const next = async (cmd: Packet['cmd'], ms = 10_000): Promise<Packet> => withTimeout((async () => {
     for (;;) {
       const i = packets.findIndex((p) => p.cmd === cmd)
       if (i >= 0) return packets.splice(i, 1)[0] as Packet
