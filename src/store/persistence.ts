@@ -1242,7 +1242,7 @@ export class LevelPersistence {
             const seqKey = Buffer.from(k.subarray(prefix.length))
             gone.push({ hex: seqKey.toString('hex'), seqKey, size: v.length })
           }
-          for (const sublevel of [this.#byIdentity, this.#byMessageId, this.#incoming]) {
+          for (const sublevel of [this.#byIdentity, this.#byMessageId, this.#incoming, this.#incomingPublished]) {
             for await (const k of sublevel.keys(this.#clientRange(clientId))) ops.push({ type: 'del', sublevel, key: k })
           }
           // From here to the submission nothing awaits: the marks checked are current.

@@ -283,6 +283,23 @@ describe('LevelPersistence: inbound QoS 2 entries left behind, and a failing sto
     await p.destroy()
   })
 
+  it('an expired session leaves no inbound QoS 2 state behind, the queued marks included', async () => {
+    const dir = tempDir()
+    const store = await openStore(dir, 'fsync')
+    const p = new LevelPersistence(store)
+    await p.setup({ id: 'b' })
+    const client = { id: 'gone-1' }
+    await p.addSubscriptions(client, [{ topic: 'x/#', qos: 2 }])
+    const packet = publish('x/1', 'm', { qos: 2, messageId: 3 })
+    await p.incomingStorePacket(client, packet)
+    await p.outgoingEnqueueCombi([{ clientId: client.id }], packet) // writes the `I` mark too
+    expect((await sublevelOf(store.db, 'I').keys().all()).length).toBe(1)
+    await p.sessionDisconnected(client.id, 1)
+    expect(await p.expireSessions(2, 3, () => false)).toEqual([client.id])
+    for (const name of ['i', 'I', 'o', 'q', 'O', 's']) expect(await sublevelOf(store.db, name).keys().all(), name).toEqual([])
+    await p.destroy()
+  })
+
   it('delWill resolves (undefined) rather than rejecting when the store cannot be read', async () => {
     const dir = tempDir()
     const store = await openStore(dir, 'fsync')
