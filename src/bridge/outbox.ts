@@ -1,0 +1,281 @@
+import { decode, encode } from '../store/codec.js'
+import { key, prefixRange, readU64, str, u64 } from '../store/keys.js'
+import { META, type Store } from '../store/open.js'
+import { sublevelOf, type StoreOp, type Sublevel } from '../store/writer.js'
+
+/*
+ * A bridge's outbox: the messages an out-mapping owes the upstream broker, on disk, in order.
+ *
+ *   b  outbox   str(bridge) ‖ u64(seq) → OutboxEntry
+ *   m  meta     str('bc') ‖ str(bridge) → u64(messages) ‖ u64(bytes)   (same batch as every change)
+ *
+ * Every change is one batch through the store's group-commit writer, so it is as durable as the
+ * store's durability mode says. Sequence numbers are the bridge's own: the next one is one past
+ * the last key at open. An entry's packet id is stored with it before a QoS 2 message is sent, so
+ * after a restart it is re-sent under the same id (exactly once upstream).
+ */
+
+/** What the outbox keeps of a message. */
+export interface OutboxMessage {
+  topic: string
+  payload: Buffer
+  qos: 0 | 1 | 2
+  retain: boolean
+  /** MQTT 5 message expiry, seconds from `enqueuedAt`. */
+  messageExpiry?: number
+}
+
+export interface OutboxEntry extends OutboxMessage {
+  /** ms since the epoch when it was appended. */
+  enqueuedAt: number
+  /** The upstream packet id it was (or is being) sent under, once assigned. */
+  packetId?: number
+}
+
+export interface OutboxLimits {
+  maxMessages: number
+  maxBytes: number
+  /** 0: no age limit. */
+  maxAgeSeconds: number
+  /** `drop-oldest`: the oldest entries not in flight make room; `reject`: the new message is refused. */
+  whenFull: 'drop-oldest' | 'reject'
+}
+
+/** Thrown by append() when the outbox is full and `whenFull` is `reject`. */
+export class OutboxFullError extends Error {
+  constructor (readonly bridge: string, readonly limit: 'messages' | 'bytes', readonly max: number) {
+    super(`bridge ${bridge}: outbox full (${limit === 'messages' ? 'outbox.maxMessages' : 'outbox.maxBytes'} ${max})`)
+    this.name = 'OutboxFullError'
+  }
+}
+
+/** A stored entry with its place in the outbox. */
+export interface Queued { seq: number, entry: OutboxEntry, size: number }
+
+const COUNTER_PREFIX = str('bc')
+
+export class Outbox {
+  readonly #store: Store
+  readonly #name: string
+  readonly #limits: OutboxLimits
+  readonly #entries: Sublevel
+  readonly #meta: Sublevel
+  readonly #prefix: Buffer
+  #next = 0
+  #messages = 0
+  #bytes = 0
+  /** Entries handed out by take() and not yet removed or released: never dropped. */
+  readonly #inflight = new Set<number>()
+  /** Sequences appended but not yet written: take() stops before the first. */
+  readonly #unwritten = new Set<number>()
+  /** Entries deleted by a batch not yet written (drop or remove), so take() skips them. */
+  readonly #deleting = new Set<number>()
+
+  private constructor (store: Store, name: string, limits: OutboxLimits) {
+    this.#store = store
+    this.#name = name
+    this.#limits = limits
+    this.#entries = sublevelOf(store.db, 'b')
+    this.#meta = sublevelOf(store.db, META)
+    this.#prefix = str(name)
+  }
+
+  /** Opens bridge `name`'s outbox: counters from meta (rebuilt by one scan if absent), the next sequence from the last key. */
+  static async open (store: Store, name: string, limits: OutboxLimits): Promise<Outbox> {
+    const outbox = new Outbox(store, name, limits)
+    await outbox.#load()
+    return outbox
+  }
+
+  async #load (): Promise<void> {
+    const range = prefixRange(this.#prefix)
+    const last = await this.#entries.keys({ ...range, reverse: true, limit: 1 }).all()
+    this.#next = last.length === 0 ? 0 : readU64(last[0] as Buffer) + 1
+    const counters = await this.#meta.get(this.#counterKey())
+    if (counters !== undefined && counters.length === 16) {
+      this.#messages = readU64(counters, 0)
+      this.#bytes = readU64(counters, 8)
+      return
+    }
+    for await (const v of this.#entries.values(range)) {
+      this.#messages++
+      this.#bytes += v.length
+    }
+  }
+
+  /** Messages and bytes waiting (in flight included). */
+  get size (): { messages: number, bytes: number } {
+    return { messages: this.#messages, bytes: this.#bytes }
+  }
+
+  /**
+   * Appends a message durably; resolves once it is written. When full, per `whenFull`: the oldest
+   * entries not in flight are deleted in the same batch (their count is returned), or
+   * OutboxFullError is thrown and nothing is written.
+   */
+  async append (message: OutboxMessage, now = Date.now()): Promise<{ dropped: number }> {
+    const entry: OutboxEntry = { ...message, enqueuedAt: now }
+    const value = encode(entry)
+    // The place in the outbox is the call order. Until this entry is written, take() hands out
+    // nothing from here on, so a later append written first cannot overtake it.
+    const seq = this.#next++
+    this.#unwritten.add(seq)
+    try {
+      return await this.#append(seq, value)
+    } finally {
+      this.#unwritten.delete(seq)
+    }
+  }
+
+  async #append (seq: number, value: Buffer): Promise<{ dropped: number }> {
+    const ops: StoreOp[] = []
+    let dropped = 0
+    let droppedBytes = 0
+    const over = (): 'messages' | 'bytes' | null =>
+      this.#messages + 1 > this.#limits.maxMessages ? 'messages' : this.#bytes + value.length > this.#limits.maxBytes ? 'bytes' : null
+    const full = over()
+    if (full !== null) {
+      if (this.#limits.whenFull === 'reject' || value.length > this.#limits.maxBytes) {
+        throw new OutboxFullError(this.#name, full, full === 'messages' ? this.#limits.maxMessages : this.#limits.maxBytes)
+      }
+      for await (const [k, v] of this.#entries.iterator(prefixRange(this.#prefix))) {
+        if (over() === null) break
+        const seq = readU64(k)
+        if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
+        this.#deleting.add(seq)
+        ops.push({ type: 'del', sublevel: this.#entries, key: k })
+        this.#messages--
+        this.#bytes -= v.length
+        dropped++
+        droppedBytes += v.length
+      }
+      const still = over()
+      if (still !== null) {
+        // Only messages in flight are left: the new one cannot be kept.
+        for (const op of ops) this.#deleting.delete(readU64(op.key))
+        this.#messages += dropped
+        this.#bytes += droppedBytes
+        throw new OutboxFullError(this.#name, still, still === 'messages' ? this.#limits.maxMessages : this.#limits.maxBytes)
+      }
+    }
+    ops.push({ type: 'put', sublevel: this.#entries, key: this.#entryKey(seq), value })
+    this.#messages++
+    this.#bytes += value.length
+    ops.push(this.#counterOp())
+    try {
+      await this.#store.writer.write(ops)
+    } catch (err) {
+      this.#messages += dropped - 1
+      this.#bytes += droppedBytes - value.length
+      throw err
+    } finally {
+      for (const op of ops) if (op.type === 'del') this.#deleting.delete(readU64(op.key))
+    }
+    return { dropped }
+  }
+
+  /**
+   * Up to `n` entries, oldest first, that are not in flight; they are in flight from now until
+   * remove() or release(). The forwarder keeps its window full with it.
+   */
+  async take (n: number): Promise<Queued[]> {
+    const out: Queued[] = []
+    if (n <= 0) return out
+    for await (const [k, v] of this.#entries.iterator(prefixRange(this.#prefix))) {
+      const seq = readU64(k)
+      if (this.#unwritten.size > 0 && seq > Math.min(...this.#unwritten)) break
+      if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
+      this.#inflight.add(seq)
+      out.push({ seq, entry: decode<OutboxEntry>(v), size: v.length })
+      if (out.length >= n) break
+    }
+    return out
+  }
+
+  /** Stores the packet id an entry is sent under (before sending it, for QoS 2). */
+  async assignPacketId (queued: Queued, packetId: number): Promise<void> {
+    const entry: OutboxEntry = { ...queued.entry, packetId }
+    const value = encode(entry)
+    this.#bytes += value.length - queued.size
+    const ops: StoreOp[] = [{ type: 'put', sublevel: this.#entries, key: this.#entryKey(queued.seq), value }, this.#counterOp()]
+    await this.#store.writer.write(ops)
+    queued.entry = entry
+    queued.size = value.length
+  }
+
+  /** Deletes an entry the upstream has acknowledged (PUBACK / PUBCOMP), or one that expired. */
+  async remove (queued: Queued): Promise<void> {
+    if (this.#deleting.has(queued.seq)) return
+    this.#deleting.add(queued.seq)
+    this.#messages--
+    this.#bytes -= queued.size
+    try {
+      await this.#store.writer.write([{ type: 'del', sublevel: this.#entries, key: this.#entryKey(queued.seq) }, this.#counterOp()])
+    } catch (err) {
+      this.#messages++
+      this.#bytes += queued.size
+      throw err
+    } finally {
+      this.#deleting.delete(queued.seq)
+      this.#inflight.delete(queued.seq)
+    }
+  }
+
+  /** Gives an in-flight entry back (the link went down before it was acknowledged): take() hands it out again. */
+  release (queued: Queued): void {
+    this.#inflight.delete(queued.seq)
+  }
+
+  /** Deletes entries past `outbox.maxAgeSeconds` or their own message expiry (not those in flight); returns how many. */
+  async expire (now = Date.now()): Promise<number> {
+    const ops: StoreOp[] = []
+    const maxAge = this.#limits.maxAgeSeconds * 1000
+    let removed = 0
+    let bytes = 0
+    for await (const [k, v] of this.#entries.iterator(prefixRange(this.#prefix))) {
+      const seq = readU64(k)
+      if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
+      const entry = decode<OutboxEntry>(v)
+      const age = now - entry.enqueuedAt
+      const expired = (maxAge > 0 && age >= maxAge) || (entry.messageExpiry !== undefined && age >= entry.messageExpiry * 1000)
+      if (!expired) continue
+      this.#deleting.add(seq)
+      ops.push({ type: 'del', sublevel: this.#entries, key: k })
+      removed++
+      bytes += v.length
+    }
+    if (removed === 0) return 0
+    this.#messages -= removed
+    this.#bytes -= bytes
+    ops.push(this.#counterOp())
+    try {
+      await this.#store.writer.write(ops)
+    } catch (err) {
+      this.#messages += removed
+      this.#bytes += bytes
+      throw err
+    } finally {
+      for (const op of ops) if (op.type === 'del') this.#deleting.delete(readU64(op.key))
+    }
+    return removed
+  }
+
+  /** Age in ms of the oldest entry (0 when empty). */
+  async oldestAgeMs (now = Date.now()): Promise<number> {
+    const first = await this.#entries.values({ ...prefixRange(this.#prefix), limit: 1 }).all()
+    return first.length === 0 ? 0 : Math.max(0, now - decode<OutboxEntry>(first[0] as Buffer).enqueuedAt)
+  }
+
+  #entryKey (seq: number): Buffer {
+    return key(this.#prefix, u64(seq))
+  }
+
+  #counterKey (): Buffer {
+    return key(COUNTER_PREFIX, this.#prefix)
+  }
+
+  /** The counters as they are now, to write in the same batch as the change that made them so. */
+  #counterOp (): StoreOp {
+    return { type: 'put', sublevel: this.#meta, key: this.#counterKey(), value: Buffer.concat([u64(this.#messages), u64(this.#bytes)]) }
+  }
+}

@@ -1,0 +1,115 @@
+import { afterAll, describe, expect, it } from 'vitest'
+import { Outbox, OutboxFullError, type OutboxLimits, type OutboxMessage, type Queued } from '../../src/bridge/outbox.js'
+import { openStore, type Store } from '../../src/store/open.js'
+import { removeTempDirs, tempDir } from '../store/helpers.js'
+
+afterAll(removeTempDirs)
+
+const LIMITS: OutboxLimits = { maxMessages: 1000, maxBytes: 1 << 20, maxAgeSeconds: 0, whenFull: 'drop-oldest' }
+
+function msg (n: number, extra: Partial<OutboxMessage> = {}): OutboxMessage {
+  return { topic: 'site/t', payload: Buffer.from(String(n)), qos: 1, retain: false, ...extra }
+}
+
+const payloads = (list: Array<{ entry: { payload: Buffer } }>): string[] => list.map((q) => q.entry.payload.toString())
+
+async function open (dir: string, limits: Partial<OutboxLimits> = {}): Promise<{ store: Store, outbox: Outbox }> {
+  const store = await openStore(dir, 'fsync')
+  return { store, outbox: await Outbox.open(store, 'cloud', { ...LIMITS, ...limits }) }
+}
+
+describe('bridge Outbox (LevelDB)', () => {
+  it('keeps order, counts and packet ids across a reopen; take() hands out each entry once until removed or released', async () => {
+    const dir = tempDir()
+    let { store, outbox } = await open(dir)
+    for (let i = 0; i < 10; i++) await outbox.append(msg(i))
+    const first = await outbox.take(3)
+    expect(payloads(first)).toEqual(['0', '1', '2'])
+    expect(payloads(await outbox.take(2))).toEqual(['3', '4'])
+    const [q0, q1, q2] = first as [Queued, Queued, Queued]
+    await outbox.assignPacketId(q0, 7)
+    await outbox.remove(q1)
+    outbox.release(q2)
+    expect(payloads(await outbox.take(1))).toEqual(['2'])
+    expect(outbox.size.messages).toBe(9)
+    const bytes = outbox.size.bytes
+    await store.close()
+
+    ;({ store, outbox } = await open(dir))
+    expect(outbox.size).toEqual({ messages: 9, bytes })
+    const all = await outbox.take(100)
+    expect(payloads(all)).toEqual(['0', '2', '3', '4', '5', '6', '7', '8', '9'])
+    expect(all[0]?.entry.packetId).toBe(7)
+    // New entries go after what is there.
+    await outbox.append(msg(10))
+    expect(payloads(await outbox.take(5))).toEqual(['10'])
+    await store.close()
+  })
+
+  it('drop-oldest: a full outbox drops its oldest entries not in flight, in the same batch as the new one', async () => {
+    const { store, outbox } = await open(tempDir(), { maxMessages: 5 })
+    for (let i = 0; i < 5; i++) await outbox.append(msg(i))
+    const inFlight = await outbox.take(2) // 0 and 1 are being sent: never dropped
+    expect(await outbox.append(msg(5))).toEqual({ dropped: 1 })
+    expect(await outbox.append(msg(6))).toEqual({ dropped: 1 })
+    expect(outbox.size.messages).toBe(5)
+    for (const q of inFlight) outbox.release(q)
+    expect(payloads(await outbox.take(10))).toEqual(['0', '1', '4', '5', '6'])
+    await store.close()
+  })
+
+  it('reject: a full outbox refuses the new message with OutboxFullError and keeps what it has', async () => {
+    const { store, outbox } = await open(tempDir(), { maxMessages: 3, whenFull: 'reject' })
+    for (let i = 0; i < 3; i++) await outbox.append(msg(i))
+    await expect(outbox.append(msg(3))).rejects.toThrow(OutboxFullError)
+    await expect(outbox.append(msg(3))).rejects.toThrow('bridge cloud: outbox full (outbox.maxMessages 3)')
+    expect(outbox.size.messages).toBe(3)
+    expect(payloads(await outbox.take(10))).toEqual(['0', '1', '2'])
+    await store.close()
+  })
+
+  it('the byte limit counts stored sizes; a message larger than maxBytes is refused even under drop-oldest', async () => {
+    const { store, outbox } = await open(tempDir(), { maxBytes: 2000 })
+    for (let i = 0; i < 10; i++) await outbox.append(msg(i, { payload: Buffer.alloc(300, i) }))
+    expect(outbox.size.bytes).toBeLessThanOrEqual(2000)
+    expect(outbox.size.messages).toBeLessThan(10)
+    await expect(outbox.append(msg(99, { payload: Buffer.alloc(5000) }))).rejects.toThrow('outbox.maxBytes 2000')
+    await store.close()
+  })
+
+  it('only in-flight entries left: the new message is refused under drop-oldest too', async () => {
+    const { store, outbox } = await open(tempDir(), { maxMessages: 2 })
+    await outbox.append(msg(0))
+    await outbox.append(msg(1))
+    await outbox.take(2)
+    await expect(outbox.append(msg(2))).rejects.toThrow(OutboxFullError)
+    expect(outbox.size.messages).toBe(2)
+    await store.close()
+  })
+
+  it('expire() removes entries past maxAgeSeconds or their own message expiry, not those in flight', async () => {
+    const { store, outbox } = await open(tempDir(), { maxAgeSeconds: 60 })
+    const t0 = 1_000_000
+    await outbox.append(msg(0), t0)
+    await outbox.append(msg(1), t0)
+    await outbox.append(msg(2, { messageExpiry: 5 }), t0 + 50_000)
+    await outbox.append(msg(3), t0 + 50_000)
+    const inFlight = await outbox.take(1) // 0
+    expect(await outbox.oldestAgeMs(t0 + 1000)).toBe(1000)
+    expect(await outbox.expire(t0 + 60_000)).toBe(2) // 1 (age) and 2 (its own 5 s expiry)
+    for (const q of inFlight) outbox.release(q)
+    expect(payloads(await outbox.take(10))).toEqual(['0', '3'])
+    expect(outbox.size.messages).toBe(2)
+    await store.close()
+  })
+
+  it('concurrent appends keep call order even when a full outbox makes the first one read before writing', async () => {
+    const { store, outbox } = await open(tempDir(), { maxMessages: 50 })
+    for (let i = 0; i < 50; i++) await outbox.append(msg(i))
+    await Promise.all(Array.from({ length: 30 }, (_v, i) => outbox.append(msg(100 + i))))
+    const all = payloads(await outbox.take(100))
+    expect(all).toHaveLength(50)
+    expect(all.slice(-30)).toEqual(Array.from({ length: 30 }, (_v, i) => String(100 + i)))
+    await store.close()
+  })
+})
