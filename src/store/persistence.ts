@@ -761,6 +761,8 @@ export class LevelPersistence {
     const idKey = this.#identityKey(clientId, packet)
     // The entry as outgoingStream just read it, when aedes delivers from the queue: no reads then.
     const streamed = idKey === undefined ? undefined : this.#takeStreamed(clientId, idKey)
+    // Reading the store: after this client's last QoS 1 id assignment has landed (read your writes).
+    if (streamed === undefined) await this.#pendingIdWrites.get(clientId)
     const bySeq = streamed?.seqKey ?? (idKey === undefined ? undefined : await this.#byIdentity.get(idKey))
     if (bySeq !== undefined) {
       const current = streamed?.value ?? await this.#outgoing.get(key(str(clientId), bySeq))
@@ -795,6 +797,8 @@ export class LevelPersistence {
     }
     if (idKey !== undefined && packet.cmd === 'publish' && this.#droppedIds.delete(idKey.toString('hex'))) return
     if (!isPacketId(packet.messageId)) throw new Error('no such packet')
+    // By packet id (a PUBREL): the id may come from a QoS 1 assignment still being written.
+    await this.#pendingIdWrites.get(clientId)
     const seqKey = await this.#byMessageId.get(this.#messageIdKey(clientId, packet.messageId))
     const current = seqKey === undefined ? undefined : await this.#outgoing.get(key(str(clientId), seqKey))
     if (seqKey === undefined || current === undefined) throw new Error('no such packet')
