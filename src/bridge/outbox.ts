@@ -30,6 +30,8 @@ export interface OutboxEntry extends OutboxMessage {
   enqueuedAt: number
   /** The upstream packet id it was (or is being) sent under, once assigned. */
   packetId?: number
+  /** QoS 2: the upstream answered PUBREC, so what is owed is a PUBREL, not the PUBLISH again. */
+  released?: boolean
 }
 
 export interface OutboxLimits {
@@ -49,6 +51,18 @@ export class OutboxFullError extends Error {
   }
 }
 
+/** True when an entry is past the outbox's maxAgeSeconds or its own MQTT 5 message expiry. */
+export function isExpired (entry: OutboxEntry, limits: Pick<OutboxLimits, 'maxAgeSeconds'>, now = Date.now()): boolean {
+  const age = now - entry.enqueuedAt
+  return (limits.maxAgeSeconds > 0 && age >= limits.maxAgeSeconds * 1000) ||
+    (entry.messageExpiry !== undefined && age >= entry.messageExpiry * 1000)
+}
+
+/** Whether an encoded entry carries a packet id (it was sent, so it is never dropped or expired). */
+function hasPacketId (value: Buffer): boolean {
+  return decode<OutboxEntry>(value).packetId !== undefined
+}
+
 /** A stored entry with its place in the outbox. */
 export interface Queued { seq: number, entry: OutboxEntry, size: number }
 
@@ -62,6 +76,10 @@ export class Outbox {
   readonly #meta: Sublevel
   readonly #prefix: Buffer
   #next = 0
+  /** Per running scan, the entries deleted since it began. */
+  readonly #scans = new Set<Set<number>>()
+  /** No entry below this sequence is left (take() starts its scan here). */
+  #floor = 0
   #messages = 0
   #bytes = 0
   /** Entries handed out by take() and not yet removed or released: never dropped. */
@@ -138,10 +156,9 @@ export class Outbox {
       if (this.#limits.whenFull === 'reject' || value.length > this.#limits.maxBytes) {
         throw new OutboxFullError(this.#name, full, full === 'messages' ? this.#limits.maxMessages : this.#limits.maxBytes)
       }
-      for await (const [k, v] of this.#entries.iterator(prefixRange(this.#prefix))) {
+      for await (const [k, v, seq] of this.#scan()) {
         if (over() === null) break
-        const seq = readU64(k)
-        if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
+        if (this.#inflight.has(seq) || this.#deleting.has(seq) || hasPacketId(v)) continue
         this.#deleting.add(seq)
         ops.push({ type: 'del', sublevel: this.#entries, key: k })
         this.#messages--
@@ -164,6 +181,7 @@ export class Outbox {
     ops.push(this.#counterOp())
     try {
       await this.#store.writer.write(ops)
+      this.#deleted(ops)
     } catch (err) {
       this.#messages += dropped - 1
       this.#bytes += droppedBytes - value.length
@@ -181,8 +199,12 @@ export class Outbox {
   async take (n: number): Promise<Queued[]> {
     const out: Queued[] = []
     if (n <= 0) return out
-    for await (const [k, v] of this.#entries.iterator(prefixRange(this.#prefix))) {
-      const seq = readU64(k)
+    let first = true
+    for await (const [, v, seq] of this.#scan(this.#entryKey(this.#floor))) {
+      // Everything before the first entry still here is gone: later scans start there, not at
+      // the tombstones of a million acknowledged entries.
+      if (first) this.#floor = seq
+      first = false
       if (this.#unwritten.size > 0 && seq > Math.min(...this.#unwritten)) break
       if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
       this.#inflight.add(seq)
@@ -192,15 +214,61 @@ export class Outbox {
     return out
   }
 
+  /**
+   * Packet ids stored with entries near the head of the outbox (QoS 2 messages sent before a
+   * restart): the forwarder must not give them to other messages until those entries are done.
+   * Ids are assigned in outbox order, so the scan stops at the first QoS 2 entry without one.
+   */
+  async storedPacketIds (limit = 65_535): Promise<Set<number>> {
+    const ids = new Set<number>()
+    let seen = 0
+    for await (const v of this.#entries.values(prefixRange(this.#prefix))) {
+      const entry = decode<OutboxEntry>(v)
+      if (entry.packetId !== undefined) ids.add(entry.packetId)
+      else if (entry.qos === 2) break
+      if (++seen >= limit) break
+    }
+    return ids
+  }
+
   /** Stores the packet id an entry is sent under (before sending it, for QoS 2). */
   async assignPacketId (queued: Queued, packetId: number): Promise<void> {
-    const entry: OutboxEntry = { ...queued.entry, packetId }
-    const value = encode(entry)
-    this.#bytes += value.length - queued.size
-    const ops: StoreOp[] = [{ type: 'put', sublevel: this.#entries, key: this.#entryKey(queued.seq), value }, this.#counterOp()]
-    await this.#store.writer.write(ops)
-    queued.entry = entry
-    queued.size = value.length
+    await this.#update([queued], () => ({ packetId }))
+  }
+
+  /** Stores the packet ids of several entries in one write (a QoS 2 batch before it is sent). */
+  async assignPacketIds (assignments: Array<{ queued: Queued, packetId: number }>): Promise<void> {
+    const ids = new Map(assignments.map((a) => [a.queued, a.packetId]))
+    await this.#update(assignments.map((a) => a.queued), (q) => ({ packetId: ids.get(q) as number }))
+  }
+
+  /** Records that the upstream answered PUBREC (a QoS 2 entry now owes a PUBREL), before the PUBREL is sent. */
+  async markReleased (queued: Queued): Promise<void> {
+    await this.#update([queued], () => ({ released: true }))
+  }
+
+  async #update (list: Queued[], change: (q: Queued) => Partial<OutboxEntry>): Promise<void> {
+    if (list.length === 0) return
+    const ops: StoreOp[] = []
+    const updated = list.map((q) => {
+      const entry: OutboxEntry = { ...q.entry, ...change(q) }
+      const value = encode(entry)
+      ops.push({ type: 'put', sublevel: this.#entries, key: this.#entryKey(q.seq), value })
+      return { q, entry, size: value.length }
+    })
+    const delta = updated.reduce((sum, u) => sum + u.size - u.q.size, 0)
+    this.#bytes += delta
+    ops.push(this.#counterOp())
+    try {
+      await this.#store.writer.write(ops)
+    } catch (err) {
+      this.#bytes -= delta
+      throw err
+    }
+    for (const u of updated) {
+      u.q.entry = u.entry
+      u.q.size = u.size
+    }
   }
 
   /** Deletes an entry the upstream has acknowledged (PUBACK / PUBCOMP), or one that expired. */
@@ -211,9 +279,11 @@ export class Outbox {
     this.#bytes -= queued.size
     try {
       await this.#store.writer.write([{ type: 'del', sublevel: this.#entries, key: this.#entryKey(queued.seq) }, this.#counterOp()])
+      for (const scan of this.#scans) scan.add(queued.seq)
     } catch (err) {
       this.#messages++
       this.#bytes += queued.size
+      this.#floor = Math.min(this.#floor, queued.seq)
       throw err
     } finally {
       this.#deleting.delete(queued.seq)
@@ -224,21 +294,25 @@ export class Outbox {
   /** Gives an in-flight entry back (the link went down before it was acknowledged): take() hands it out again. */
   release (queued: Queued): void {
     this.#inflight.delete(queued.seq)
+    this.#floor = Math.min(this.#floor, queued.seq)
   }
 
-  /** Deletes entries past `outbox.maxAgeSeconds` or their own message expiry (not those in flight); returns how many. */
+  /**
+   * Deletes entries past `outbox.maxAgeSeconds` or their own message expiry, except those in
+   * flight or already sent under a packet id; returns how many. Entries are in append order, so
+   * the scan ends at the first one younger than maxAgeSeconds (later message expiries are caught
+   * when the forwarder reaches them); with no maxAgeSeconds it reads the whole outbox.
+   */
   async expire (now = Date.now()): Promise<number> {
     const ops: StoreOp[] = []
     const maxAge = this.#limits.maxAgeSeconds * 1000
     let removed = 0
     let bytes = 0
-    for await (const [k, v] of this.#entries.iterator(prefixRange(this.#prefix))) {
-      const seq = readU64(k)
-      if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
+    for await (const [k, v, seq] of this.#scan(this.#entryKey(this.#floor))) {
       const entry = decode<OutboxEntry>(v)
-      const age = now - entry.enqueuedAt
-      const expired = (maxAge > 0 && age >= maxAge) || (entry.messageExpiry !== undefined && age >= entry.messageExpiry * 1000)
-      if (!expired) continue
+      if (maxAge > 0 && now - entry.enqueuedAt < maxAge) break
+      if (this.#inflight.has(seq) || this.#deleting.has(seq) || entry.packetId !== undefined) continue
+      if (!isExpired(entry, this.#limits, now)) continue
       this.#deleting.add(seq)
       ops.push({ type: 'del', sublevel: this.#entries, key: k })
       removed++
@@ -250,6 +324,7 @@ export class Outbox {
     ops.push(this.#counterOp())
     try {
       await this.#store.writer.write(ops)
+      this.#deleted(ops)
     } catch (err) {
       this.#messages += removed
       this.#bytes += bytes
@@ -264,6 +339,34 @@ export class Outbox {
   async oldestAgeMs (now = Date.now()): Promise<number> {
     const first = await this.#entries.values({ ...prefixRange(this.#prefix), limit: 1 }).all()
     return first.length === 0 ? 0 : Math.max(0, now - decode<OutboxEntry>(first[0] as Buffer).enqueuedAt)
+  }
+
+  /**
+   * The entries from `gte` on, without those deleted while the scan runs: a LevelDB iterator reads
+   * a snapshot taken when it was created, so an entry removed after that would come back to life
+   * (sent twice, or counted twice when dropped).
+   */
+  async * #scan (gte?: Buffer): AsyncGenerator<[Buffer, Buffer, number]> {
+    const gone = new Set<number>()
+    this.#scans.add(gone)
+    try {
+      for await (const [k, v] of this.#entries.iterator(gte === undefined ? prefixRange(this.#prefix) : { ...prefixRange(this.#prefix), gte })) {
+        const seq = readU64(k)
+        if (!gone.has(seq)) yield [k, v, seq]
+      }
+    } finally {
+      this.#scans.delete(gone)
+    }
+  }
+
+  /** Tells the scans running now that these deletes are written. */
+  #deleted (ops: StoreOp[]): void {
+    if (this.#scans.size === 0) return
+    for (const op of ops) {
+      if (op.type !== 'del' || op.sublevel !== this.#entries) continue
+      const seq = readU64(op.key)
+      for (const scan of this.#scans) scan.add(seq)
+    }
   }
 
   #entryKey (seq: number): Buffer {

@@ -19,6 +19,7 @@ import { listenTcp } from '../transport/tcp.js'
 import { loadTlsMaterial } from '../transport/tls-material.js'
 import { listenWs } from '../transport/ws.js'
 import { VERSION } from '../version.js'
+import { Bridge, checkBridges, type LocalMessage } from '../bridge/bridge.js'
 import { clientIdProblem, topicFilterProblem, topicMatches, topicNameProblem } from './validate.js'
 
 /** A running FerryMQ: listeners, the aedes core and its observability, with one owner for all. */
@@ -47,7 +48,7 @@ export interface BrokerOptions {
 }
 
 /** What CONNECT carried, kept from preConnect for the checks in authenticate (which can send a CONNACK code). */
-interface ConnectInfo { clientId: string, clean: boolean, version: number }
+interface ConnectInfo { clientId: string, clean: boolean, version: number, bridge: boolean }
 
 const IDENTIFIER_REJECTED = 2
 /** The journal key of an inbound QoS 1 PUBLISH, set in authorizePublish, read in published (same packet object). */
@@ -66,6 +67,10 @@ class FerryBroker implements Broker {
   private aedes: Aedes | null = null
   private persistence: LevelPersistence | null = null
   private store: Store | null = null
+  /** Store-and-forward bridges (config.bridges), opened with the store. */
+  private bridges: Bridge[] = []
+  /** Payloads published by clients that connected with the bridge flag, so they are not sent back to them (no local). */
+  private readonly publishedByBridge = new WeakMap<Buffer, Client>()
   /** Journal entries appended and not yet deleted, by hex key (their messages' pipelines are running or failed). */
   private readonly journaled = new Set<string>()
   /** The newest journal key appended, for the replay after a store failure. */
@@ -106,10 +111,11 @@ class FerryBroker implements Broker {
         journalDepth: () => this.journaled.size,
         queued: () => this.persistence?.totalQueued() ?? { messages: 0, bytes: 0 },
       },
+      bridges: () => this.bridges,
     })
     this.sys = new SysPublisher(this.metrics, (topic, payload) => {
       if (this.aedes !== null && !this.aedes.closed) this.aedes.publish({ cmd: 'publish', topic, payload: Buffer.from(payload), qos: 0, retain: false, dup: false }, () => {})
-    }, VERSION)
+    }, VERSION, async () => { for (const b of this.bridges) await b.publishSys() })
   }
 
   /** aedes with FerryMQ's hooks and limits, on the given persistence (aedes' in-memory one when null). */
@@ -150,6 +156,7 @@ class FerryBroker implements Broker {
     const { config, logger } = this
     const dataDir = prepareDataDir(config.storage)
     const tls = config.tls === undefined ? undefined : loadTlsMaterial(config.tls)
+    checkBridges(config.bridges, config.storage.durability)
     if (dataDir !== null && config.storage.durability !== 'memory') {
       this.store = await openStore(dataDir, config.storage.durability, { ...this.options.storeRetry, observer: this.storeObserver() })
       this.persistence = new LevelPersistence(this.store, {
@@ -159,6 +166,15 @@ class FerryBroker implements Broker {
         onQueueFull: (_clientId, _limit, event) => this.queueFull(event),
       })
       logger.info({ dataDir, durability: config.storage.durability }, 'store opened')
+      // Before the journal replay: a replayed message owes its bridges an outbox entry too.
+      for (const b of config.bridges) {
+        this.bridges.push(await Bridge.open(b, this.store, {
+          logger,
+          metrics: this.metrics,
+          publishLocal: (bridge, message) => this.publishLocal(bridge, message),
+          sys: (topic, payload) => this.sys.publishRaw(topic, payload),
+        }))
+      }
     }
     this.aedes = this.createAedes(this.persistence)
     try {
@@ -168,6 +184,7 @@ class FerryBroker implements Broker {
         await this.startSessionExpiry(this.aedes, this.persistence)
       }
       await this.openListeners(tls)
+      for (const b of this.bridges) b.start()
     } catch (err) {
       await this.close()
       throw err
@@ -199,6 +216,8 @@ class FerryBroker implements Broker {
     if (aedes !== null) await new Promise<void>((resolve) => aedes.close(() => resolve()))
     for (const conn of this.connections) conn.destroy()
     await listenersClosed
+    // What is in flight upstream stays in the outboxes and is finished after the next start.
+    await Promise.all(this.bridges.map((b) => b.stop()))
     await this.persistence?.destroy()
     const served = this.listeners.size > 0
     this.listeners.clear()
@@ -279,7 +298,7 @@ class FerryBroker implements Broker {
         return
       }
     }
-    this.connectInfo.set(client, { clientId: packet.clientId, clean: packet.clean ?? true, version: packet.protocolVersion ?? 4 })
+    this.connectInfo.set(client, { clientId: packet.clientId, clean: packet.clean ?? true, version: packet.protocolVersion ?? 4, bridge: (packet as { bridgeMode?: boolean }).bridgeMode === true })
     done(null, true)
   }
 
@@ -310,6 +329,10 @@ class FerryBroker implements Broker {
       this.metrics.messagesDropped.inc({ reason: 'invalid_topic' })
       return done(new Error(`PUBLISH refused: ${problem}`))
     }
+    // A bridge with outbox.whenFull: reject and a full outbox: the message is not taken (not acknowledged).
+    const refusing = this.bridges.find((b) => b.refuses(packet as LocalMessage))
+    if (refusing !== undefined) return done(new Error(`PUBLISH refused: bridge ${refusing.name}'s outbox is full (outbox.whenFull: reject)`))
+    if (this.connectInfo.get(client)?.bridge === true) this.publishedByBridge.set(packet.payload as Buffer, client)
     const wait = this.publishDelay(client)
     if (wait > 0) {
       // Over limits.maxPublishRate: answered later. aedes reads the next packets of this socket
@@ -373,6 +396,36 @@ class FerryBroker implements Broker {
 
   /** aedes' last pipeline step: the message's retained and queue copies are stored, so its journal entry can go. */
   private published (packet: AedesPublishPacket, done: (err?: Error | null) => void): void {
+    if (this.bridges.length === 0) {
+      this.afterBridges(packet, done)
+      return
+    }
+    // Each bridge whose out-mappings take the message appends it to its outbox; a QoS 1/2 message
+    // is acknowledged (QoS 2) or leaves the journal (QoS 1) only once those appends are written.
+    const appends: Promise<void>[] = []
+    for (const b of this.bridges) {
+      const routed = b.route(packet as LocalMessage)
+      if (routed !== null) appends.push(b.enqueue(routed))
+    }
+    if (appends.length === 0) {
+      this.afterBridges(packet, done)
+      return
+    }
+    const all = Promise.all(appends)
+    if (packet.qos === 0) {
+      all.catch(() => {}) // counted and logged by the bridge
+      this.afterBridges(packet, done)
+      return
+    }
+    all.then(() => this.afterBridges(packet, done), (err: Error) => {
+      // Not in every outbox: the message stays journaled (QoS 1, published again at the next
+      // start) or is not acknowledged (QoS 2).
+      this.logger.debug({ topic: packet.topic, err: err.message }, 'message not appended to a bridge outbox')
+      done(err)
+    })
+  }
+
+  private afterBridges (packet: AedesPublishPacket, done: (err?: Error | null) => void): void {
     const entryKey = (packet as unknown as Record<symbol, Buffer | undefined>)[JOURNAL_KEY]
     if (entryKey !== undefined && this.persistence !== null) {
       this.journaled.delete(entryKey.toString('hex'))
@@ -514,6 +567,8 @@ class FerryBroker implements Broker {
 
   /** Called by aedes for every delivery to a connected client: the slow-subscriber bound, then the QoS cap. */
   private authorizeForward (client: Client, packet: AedesPublishPacket): AedesPublishPacket | null {
+    // A bridge (CONNECT with the bridge flag) does not get its own messages back, as in Mosquitto.
+    if (this.publishedByBridge.get(packet.payload as Buffer) === client) return null
     // aedes keeps handing deliveries to a connection that has just gone; each write would build an
     // ERR_STREAM_DESTROYED error (7 % of CPU in a profiled fan-in run when its subscriber left).
     // QoS 0 is simply skipped; QoS 1/2 go on so aedes keeps its queue bookkeeping for the session.
@@ -550,6 +605,15 @@ class FerryBroker implements Broker {
       event.which === 'new'
         ? `session queue full (${setting}): new messages for it are dropped and counted`
         : `session queue full (${setting}): its oldest unsent messages are dropped and counted`)
+  }
+
+  /** Publishes a message that came in through a bridge; resolves once every local copy is stored. */
+  private async publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean }): Promise<void> {
+    const aedes = this.aedes
+    if (aedes === null || aedes.closed) throw new Error('the broker is stopping')
+    bridge.markInjected(message.payload)
+    const packet = { cmd: 'publish' as const, topic: message.topic, payload: message.payload, qos: message.qos, retain: message.retain, dup: false }
+    await new Promise<void>((resolve, reject) => aedes.publish(packet as PublishPacket, (err?: Error | null) => (err ? reject(err) : resolve())))
   }
 
   /** Logs a slow subscriber once per connection; true the first time. */

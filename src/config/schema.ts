@@ -114,6 +114,91 @@ const sysSchema = z.strictObject({
   heartbeatSeconds: positiveInt('seconds', 1, 86_400, 60),
 })
 
+export const BRIDGE_SCHEMES = ['mqtt:', 'mqtts:', 'ws:', 'wss:'] as const
+export const OUTBOX_POLICIES = ['drop-oldest', 'reject'] as const
+export const DIRECTIONS = ['out', 'in', 'both'] as const
+
+const bridgeUrl = z.string({ error: 'expected a URL like mqtt://host:1883, mqtts://, ws:// or wss://' }).superRefine((value, ctx) => {
+  let url: URL
+  try {
+    url = new URL(value)
+  } catch {
+    ctx.addIssue({ code: 'custom', message: `expected a URL like mqtt://host:1883, mqtts://, ws:// or wss:// (got "${value}")` })
+    return
+  }
+  if (!(BRIDGE_SCHEMES as readonly string[]).includes(url.protocol)) {
+    ctx.addIssue({ code: 'custom', message: `unsupported scheme "${url.protocol}" in "${value}": use mqtt://, mqtts://, ws:// or wss://` })
+  } else if (url.hostname === '') {
+    ctx.addIssue({ code: 'custom', message: `no host in "${value}"` })
+  }
+})
+
+const mappingSchema = z.strictObject({
+  /** Topic pattern (a filter) relative to the prefixes; "" makes the prefixes whole topics. */
+  pattern: z.string({ error: 'expected a topic filter such as "telemetry/#"' }),
+  direction: z.enum(DIRECTIONS, { error: `expected one of ${DIRECTIONS.join(', ')}` }).default('out'),
+  qos: z.union([z.literal(0), z.literal(1), z.literal(2)], { error: 'expected 0, 1 or 2' }).default(1),
+  localPrefix: z.string({ error: 'expected a topic prefix string' }).default(''),
+  remotePrefix: z.string({ error: 'expected a topic prefix string' }).default(''),
+})
+
+const bridgeSchema = z.strictObject({
+  /** Names the bridge in logs, metrics ({bridge="…"}), $SYS/ferrymq/bridges/<name>/… and the store. */
+  name: z.string({ error: 'expected a name of letters, digits, "-", "_" or "." (1–64)' })
+    .regex(/^[A-Za-z0-9_.-]{1,64}$/, { error: 'expected a name of letters, digits, "-", "_" or "." (1–64)' }),
+  url: bridgeUrl.optional(),
+  /** Tried in order; after a failed attempt the next one (failover), back to the first after the last. */
+  urls: z.array(bridgeUrl, { error: 'expected a list of URLs' }).min(1, { error: 'expected at least one URL' }).optional(),
+  /** Client identifier upstream; default `<hostname>.<name>`, as Mosquitto. Must be stable for a persistent session. */
+  clientId: z.string({ error: 'expected a client identifier' }).min(1, { error: 'expected a client identifier' }).max(65535).optional(),
+  protocolVersion: z.union([z.literal(4), z.literal(5)], { error: 'expected 4 (MQTT 3.1.1) or 5 (MQTT 5)' }).default(4),
+  /** false: a persistent upstream session (needed for QoS 2 exactly-once across a restart). */
+  clean: z.boolean({ error: 'expected true or false' }).default(false),
+  username: z.string({ error: 'expected a string' }).optional(),
+  password: z.string({ error: 'expected a string' }).optional(),
+  keepaliveSeconds: positiveInt('seconds', 0, 65535, 60),
+  /** MQTT 5 upstream with clean: false: how long the upstream keeps the session while the link is down. */
+  sessionExpirySeconds: positiveInt('seconds', 0, 4_294_967_295, 604_800),
+  tls: z.strictObject({
+    /** CA that signs the upstream's certificate; default: Node's bundled public CAs. */
+    ca: filePath.optional(),
+    /** Client certificate and key (mutual TLS), both or neither. */
+    cert: filePath.optional(),
+    key: filePath.optional(),
+    /** Checks the upstream's certificate and host name (default true; false only for tests). */
+    verify: z.boolean({ error: 'expected true or false' }).default(true),
+    /** Host name for SNI and the certificate check, when it differs from the URL's. */
+    servername: z.string({ error: 'expected a host name' }).min(1).optional(),
+  }).refine((tls) => (tls.cert === undefined) === (tls.key === undefined), {
+    error: 'cert and key go together (the client certificate and its private key)',
+  }).optional(),
+  reconnect: z.strictObject({
+    minDelayMs: positiveInt('milliseconds', 10, 3_600_000, 500),
+    maxDelayMs: positiveInt('milliseconds', 10, 3_600_000, 30_000),
+    /** A connection up this long resets the back-off to minDelayMs. */
+    stableMs: positiveInt('milliseconds', 0, 3_600_000, 10_000),
+    /** Time allowed for the TCP/TLS handshake and CONNACK. */
+    connectTimeoutMs: positiveInt('milliseconds', 100, 600_000, 10_000),
+  }).refine((r) => r.minDelayMs <= r.maxDelayMs, { error: 'minDelayMs must not exceed maxDelayMs', path: ['minDelayMs'] }).prefault({}),
+  /** Messages sent upstream and not yet acknowledged (PUBACK / PUBCOMP), at most. */
+  maxInflight: positiveInt('a message count', 1, 65_535, 100),
+  topics: z.array(mappingSchema, { error: 'expected a list of topic mappings' }).min(1, { error: 'expected at least one topic mapping' }),
+  outbox: z.strictObject({
+    maxMessages: positiveInt('a message count', 1, 1_000_000_000, 1_000_000),
+    maxBytes: positiveInt('a size in bytes', 65_536, 1_099_511_627_776, 1_073_741_824),
+    /** Messages older than this are dropped (counted as expired) instead of sent; 0: no limit. */
+    maxAgeSeconds: positiveInt('seconds', 0, 315_360_000, 604_800),
+    whenFull: z.enum(OUTBOX_POLICIES, { error: `expected one of ${OUTBOX_POLICIES.join(', ')}` }).default('drop-oldest'),
+  }).prefault({}),
+}).superRefine((b, ctx) => {
+  if ((b.url === undefined) === (b.urls === undefined)) {
+    ctx.addIssue({ code: 'custom', path: ['url'], message: 'set either url or urls (a list tried in order), not both and not neither' })
+  }
+  if (b.password !== undefined && b.username === undefined) {
+    ctx.addIssue({ code: 'custom', path: ['password'], message: 'a password needs a username' })
+  }
+})
+
 export const configSchema = z.strictObject({
   listeners: listenersSchema.prefault({}),
   tls: tlsSchema.optional(),
@@ -121,11 +206,16 @@ export const configSchema = z.strictObject({
   limits: limitsSchema.prefault({}),
   log: logSchema.prefault({}),
   sys: sysSchema.prefault({}),
-  // Any form of the section (a list, a mapping, an empty `bridges:`) gets this message; only [] passes.
-  bridges: z.unknown().refine((value) => value === undefined || (Array.isArray(value) && value.length === 0), {
-    error: 'store-and-forward bridges are not available in this release yet; remove the bridges section',
-  }).optional(),
+  bridges: z.array(bridgeSchema, { error: 'expected a list of bridges' }).default([]).superRefine((bridges, ctx) => {
+    const seen = new Map<string, number>()
+    bridges.forEach((b, i) => {
+      const first = seen.get(b.name)
+      if (first !== undefined) ctx.addIssue({ code: 'custom', path: [i, 'name'], message: `duplicate bridge name "${b.name}" (also bridges[${first}])` })
+      seen.set(b.name, i)
+    })
+  }),
 })
 
 export type Config = z.infer<typeof configSchema>
+export type BridgeConfig = Config['bridges'][number]
 export type ListenerName = keyof Config['listeners']

@@ -12,6 +12,14 @@ export interface StoreSources {
   queued (): { messages: number, bytes: number }
 }
 
+/** What the per-bridge gauges read, one entry per configured bridge. */
+export interface BridgeSources {
+  name: string
+  connected (): boolean
+  outbox (): { messages: number, bytes: number }
+  oldestAgeMs (): Promise<number>
+}
+
 /** Every Prometheus metric FerryMQ exports, on its own registry so brokers in one process stay apart. */
 export class Metrics {
   readonly registry = new Registry()
@@ -36,11 +44,16 @@ export class Metrics {
   readonly storeBatchSeconds = new Histogram({ name: 'ferrymq_store_batch_seconds', help: 'Time to write one batch (with durability fsync: the fsync latency)', buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1], registers: [this.registry] })
   readonly storeRecoveries = new Counter({ name: 'ferrymq_store_recoveries_total', help: 'Times the store took writes again after a write failure', registers: [this.registry] })
   readonly storeDamaged = new Counter({ name: 'ferrymq_store_damaged_total', help: 'Damaged stores found at start-up, by what was done: repaired, or quarantined (moved aside, started empty)', labelNames: ['action'] as const, registers: [this.registry] })
+  readonly bridgeForwarded = new Counter({ name: 'ferrymq_bridge_forwarded_total', help: 'Messages a bridge carried: out = acknowledged by the upstream, in = published locally', labelNames: ['bridge', 'direction'] as const, registers: [this.registry] })
+  readonly bridgeDropped = new Counter({ name: 'ferrymq_bridge_dropped_total', help: 'Outbound bridge messages dropped, by reason: outbox_full (drop-oldest made room, or reject refused it), upstream_refused (PUBACK/PUBREC with an error reason code)', labelNames: ['bridge', 'reason'] as const, registers: [this.registry] })
+  readonly bridgeExpired = new Counter({ name: 'ferrymq_bridge_expired_total', help: 'Outbound bridge messages dropped unsent past outbox.maxAgeSeconds or their MQTT 5 message expiry', labelNames: ['bridge'] as const, registers: [this.registry] })
+  readonly bridgeReconnects = new Counter({ name: 'ferrymq_bridge_reconnects_total', help: 'Connection attempts a bridge made after the first', labelNames: ['bridge'] as const, registers: [this.registry] })
+  readonly bridgeRtt = new Histogram({ name: 'ferrymq_bridge_rtt_seconds', help: 'Time from sending a message upstream to its PUBACK / PUBCOMP', labelNames: ['bridge'] as const, buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], registers: [this.registry] })
   readonly clientsConnected: Gauge
   readonly subscriptions: Gauge
   readonly retainedMessages: Gauge
 
-  constructor (sources: { clientsConnected: () => number, subscriptions: () => number, retainedMessages: () => Promise<number>, store: () => StoreSources | null }) {
+  constructor (sources: { clientsConnected: () => number, subscriptions: () => number, retainedMessages: () => Promise<number>, store: () => StoreSources | null, bridges?: () => readonly BridgeSources[] }) {
     collectDefaultMetrics({ register: this.registry, prefix: 'ferrymq_' })
     this.clientsConnected = new Gauge({
       name: 'ferrymq_clients_connected',
@@ -89,6 +102,35 @@ export class Metrics {
       help: 'Bytes of the messages waiting in persistent sessions\' queues',
       registers: [this.registry],
       collect () { this.set(sources.store()?.queued().bytes ?? 0) },
+    })
+    const bridges = sources.bridges ?? (() => [])
+    new Gauge({
+      name: 'ferrymq_bridge_connected',
+      help: '1 while the bridge is connected to its upstream, else 0',
+      labelNames: ['bridge'] as const,
+      registers: [this.registry],
+      collect () { for (const b of bridges()) this.set({ bridge: b.name }, b.connected() ? 1 : 0) },
+    })
+    new Gauge({
+      name: 'ferrymq_bridge_outbox_messages',
+      help: 'Messages in the bridge\'s outbox (waiting or in flight to the upstream)',
+      labelNames: ['bridge'] as const,
+      registers: [this.registry],
+      collect () { for (const b of bridges()) this.set({ bridge: b.name }, b.outbox().messages) },
+    })
+    new Gauge({
+      name: 'ferrymq_bridge_outbox_bytes',
+      help: 'Bytes of the messages in the bridge\'s outbox',
+      labelNames: ['bridge'] as const,
+      registers: [this.registry],
+      collect () { for (const b of bridges()) this.set({ bridge: b.name }, b.outbox().bytes) },
+    })
+    new Gauge({
+      name: 'ferrymq_bridge_outbox_oldest_age_seconds',
+      help: 'Age of the oldest message in the bridge\'s outbox (0 when empty)',
+      labelNames: ['bridge'] as const,
+      registers: [this.registry],
+      async collect () { for (const b of bridges()) this.set({ bridge: b.name }, (await b.oldestAgeMs()) / 1000) },
     })
   }
 }

@@ -23,7 +23,14 @@ export class SysPublisher {
     private readonly metrics: Metrics,
     private readonly publish: SysPublish,
     private readonly version: string,
+    /** More statistics to publish on each tick (the bridges'). */
+    private readonly more: () => Promise<void> = async () => {},
   ) {}
+
+  /** Publishes one message under $SYS now (for figures published when they change). */
+  publishRaw (topic: string, payload: string): void {
+    if (!this.stopped) this.publish(topic, payload)
+  }
 
   start (intervalSeconds: number): void {
     if (intervalSeconds === 0) return
@@ -52,5 +59,6 @@ export class SysPublisher {
     if (this.stopped) return
     this.publish('$SYS/broker/version', `FerryMQ ${this.version}`)
     for (const [topic, value] of stats) this.publish(`$SYS/broker/${topic}`, String(value))
+    await this.more()
   }
 }

@@ -1,7 +1,7 @@
 import { Writable } from 'node:stream'
 import { createBroker, type Broker, type BrokerOptions } from '../../src/broker/broker.js'
 import { loadConfig } from '../../src/config/load.js'
-import type { Config, ListenerName } from '../../src/config/schema.js'
+import { configSchema, type Config, type ListenerName } from '../../src/config/schema.js'
 import { createLogger } from '../../src/observability/logger.js'
 
 type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? DeepPartial<T[K]> : T[K] }
@@ -49,7 +49,8 @@ export async function startBroker (overrides: DeepPartial<Config> = {}, options:
     storage: { durability: 'memory' },
     log: { level: process.env.FERRYMQ_TEST_LOG ?? 'silent' },
   })
-  const config = merge(base, overrides as Record<string, unknown>) as unknown as Config
+  // Parsed again so sections a test adds (bridges) get their defaults, as from a config file.
+  const config = configSchema.parse(merge(base, overrides as Record<string, unknown>))
   const logs = options.logs
   const logger = logs === undefined
     ? createLogger(config.log.level, process.stderr)

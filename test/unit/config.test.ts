@@ -59,6 +59,7 @@ const DEFAULTS = {
   },
   log: { level: 'info' },
   sys: { intervalSeconds: 10, heartbeatSeconds: 60 },
+  bridges: [],
 }
 
 describe('defaults', () => {
@@ -183,12 +184,57 @@ describe('config files', () => {
       .toBe('storage.durability (from --durability): expected one of fsync, os, memory, got "FSYNC"')
   })
 
-  it('a bridges section is rejected with a message that says bridges are not available yet', () => {
-    const message = /^bridges\b.*: store-and-forward bridges are not available in this release yet; remove the bridges section$/
-    expect(configError({ file: file('bridges.yaml', 'bridges:\n  - name: cloud\n    url: mqtts://example.com\n') })).toMatch(message)
-    expect(configError({ file: file('bridges-map.yaml', 'bridges:\n  cloud: { url: mqtts://example.com }\n') })).toMatch(message)
-    expect(configError({ file: file('bridges-empty.yaml', 'bridges:\n') })).toMatch(message)
+  it('the bridges section of DESIGN.md parses, with defaults for what it leaves out', () => {
+    const config = loadConfig({
+      file: file('bridges.yaml', [
+        'bridges:',
+        '  - name: cloud',
+        '    urls: [ "mqtts://cloud.example.com:8883" ]',
+        '    clientId: edge-gw-01',
+        '    protocolVersion: 5',
+        '    clean: false',
+        '    tls: { ca: ca.crt, cert: edge.crt, key: edge.key }',
+        '    reconnect: { minDelayMs: 500, maxDelayMs: 30000 }',
+        '    topics:',
+        '      - { pattern: "telemetry/#", direction: out, qos: 1, localPrefix: "", remotePrefix: "site-a/" }',
+        '      - { pattern: "cmd/#",       direction: in,  qos: 1, localPrefix: "", remotePrefix: "site-a/" }',
+        '    outbox: { maxMessages: 1000000, maxBytes: 1073741824, maxAgeSeconds: 604800, whenFull: drop-oldest }',
+        '  - name: backup',
+        '    url: mqtt://10.0.0.2',
+        '    topics: [ { pattern: "#" } ]',
+        '',
+      ].join('\n')),
+    })
+    expect(config.bridges[0]).toMatchObject({ name: 'cloud', protocolVersion: 5, clean: false, maxInflight: 100, keepaliveSeconds: 60 })
+    expect(config.bridges[0]?.tls).toMatchObject({ verify: true })
+    expect(config.bridges[1]).toMatchObject({
+      protocolVersion: 4,
+      clean: false,
+      reconnect: { minDelayMs: 500, maxDelayMs: 30000, stableMs: 10000 },
+      topics: [{ pattern: '#', direction: 'out', qos: 1, localPrefix: '', remotePrefix: '' }],
+      outbox: { maxMessages: 1_000_000, maxBytes: 1_073_741_824, maxAgeSeconds: 604_800, whenFull: 'drop-oldest' },
+    })
     expect(loadConfig({ file: file('bridges-none.yaml', 'bridges: []\n') })).toMatchObject(DEFAULTS)
+  })
+
+  it('bad bridge settings name the bridge and the key', () => {
+    const bridge = (lines: string): string => configError({ file: file('bad-bridge.yaml', `bridges:\n  - name: cloud\n${lines}`) })
+    const topics = '    topics: [ { pattern: "a/#" } ]\n'
+    expect(bridge(topics)).toMatch(/^bridges\.0\.url\b.*: set either url or urls/)
+    expect(bridge(`    url: mqtt://a\n    urls: [ "mqtt://b" ]\n${topics}`)).toMatch(/^bridges\.0\.url\b.*: set either url or urls/)
+    expect(bridge(`    url: http://a\n${topics}`)).toMatch(/^bridges\.0\.url\b.*: unsupported scheme "http:" in "http:\/\/a": use mqtt:\/\/, mqtts:\/\/, ws:\/\/ or wss:\/\//)
+    expect(bridge(`    url: not a url\n${topics}`)).toMatch(/^bridges\.0\.url\b.*: expected a URL like mqtt:\/\/host:1883/)
+    expect(bridge('    url: mqtt://a\n    topics: [ { pattern: "a/#", qos: 3 } ]\n')).toMatch(/^bridges\.0\.topics\.0\.qos\b.*: expected 0, 1 or 2/)
+    expect(bridge('    url: mqtt://a\n    topics: [ { pattern: "a/#", direction: sideways } ]\n')).toMatch(/^bridges\.0\.topics\.0\.direction\b.*: expected one of out, in, both/)
+    expect(bridge('    url: mqtt://a\n    topics: [ { pattern: "a/#", prefix: x } ]\n')).toMatch(/^bridges\.0\.topics\.0\.prefix: unknown key/)
+    expect(bridge('    url: mqtt://a\n    topics: []\n')).toMatch(/^bridges\.0\.topics\b.*: expected at least one topic mapping/)
+    expect(bridge(`    url: mqtt://a\n    reconnect: { minDelayMs: 5000, maxDelayMs: 1000 }\n${topics}`)).toMatch(/^bridges\.0\.reconnect\.minDelayMs\b.*: minDelayMs must not exceed maxDelayMs/)
+    expect(bridge(`    url: mqtts://a\n    tls: { cert: edge.crt }\n${topics}`)).toMatch(/^bridges\.0\.tls\b.*: cert and key go together/)
+    expect(bridge(`    url: mqtt://a\n    outbox: { whenFull: drop-new }\n${topics}`)).toMatch(/^bridges\.0\.outbox\.whenFull\b.*: expected one of drop-oldest, reject/)
+    expect(configError({ file: file('dup-bridge.yaml', `bridges:\n  - { name: a, url: "mqtt://x", topics: [ { pattern: "#" } ] }\n  - { name: a, url: "mqtt://y", topics: [ { pattern: "#" } ] }\n`) }))
+      .toMatch(/^bridges\.1\.name\b.*: duplicate bridge name "a" \(also bridges\[0\]\)/)
+    expect(configError({ file: file('bridge-name.yaml', 'bridges:\n  - { name: "my cloud", url: "mqtt://x", topics: [ { pattern: "#" } ] }\n') }))
+      .toMatch(/^bridges\.0\.name\b.*: expected a name of letters, digits/)
   })
 })
 

@@ -1,0 +1,666 @@
+import { readFileSync } from 'node:fs'
+import { hostname } from 'node:os'
+import { Readable } from 'node:stream'
+import mqtt, { type IClientOptions, type IClientPublishOptions, type IStore, type MqttClient, type Packet } from 'mqtt'
+import { ConfigError } from '../config/load.js'
+import type { BridgeConfig } from '../config/schema.js'
+import type { Logger } from '../observability/logger.js'
+import type { BridgeSources, Metrics } from '../observability/metrics.js'
+import type { Store } from '../store/open.js'
+import { IncomingStore } from './incoming.js'
+import { mappingProblem, toLocal, toRemote, remoteFilter, type TopicMapping } from './mapping.js'
+import { isExpired, Outbox, OutboxFullError, type OutboxMessage, type Queued } from './outbox.js'
+
+/*
+ * One store-and-forward bridge: a durable outbox on the local side, one MQTT.js connection to the
+ * upstream at a time, and the forwarder between them.
+ *
+ *   published hook ─► route() ─► enqueue() ─► Outbox (LevelDB) ─► pump() ─► window ─► upstream
+ *                                                  ▲                              │ PUBACK/PUBCOMP
+ *                                                  └──────── remove() ◄───────────┘
+ *
+ * MQTT.js is the protocol engine only. Its offline behaviour is not used: every connection is a
+ * new MqttClient with reconnectPeriod 0, which is discarded when it closes; the outbox, the
+ * in-flight window, the packet ids and the back-off are the bridge's. A QoS 2 entry's packet id is
+ * stored before its PUBLISH is sent and its PUBREC before its PUBREL, so after a crash it is
+ * finished in the same upstream session with the right packet (PUBLISH with DUP, or PUBREL).
+ */
+
+/** The local side of a bridge, given by the broker. */
+export interface BridgeHost {
+  logger: Logger
+  metrics: Metrics
+  /** Publishes an inbound message locally; resolves once every copy is stored (then it is acknowledged upstream). */
+  publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean }): Promise<void>
+  /** Publishes a $SYS message (QoS 0). */
+  sys (topic: string, payload: string): void
+}
+
+/** A message the local broker handles, as the bridge sees it. */
+export interface LocalMessage {
+  topic: string
+  payload: Buffer
+  qos: 0 | 1 | 2
+  retain: boolean
+  properties?: { messageExpiryInterval?: number }
+}
+
+const ERROR_RETRY_CODES = new Set([0x91, 0x97]) // packet id in use, quota exceeded: try again later
+
+/** Checks every bridge's mappings and TLS files; throws ConfigError naming the setting. */
+export function checkBridges (bridges: readonly BridgeConfig[], durability: string): void {
+  const problems: string[] = []
+  bridges.forEach((b, i) => {
+    if (durability === 'memory') problems.push(`bridges[${i}]: a bridge needs storage.durability fsync or os (its outbox is kept on disk)`)
+    b.topics.forEach((m, j) => {
+      const problem = mappingProblem(m, `bridges[${i}].topics[${j}]`)
+      if (problem !== null) problems.push(problem)
+    })
+    for (const k of ['ca', 'cert', 'key'] as const) {
+      const file = b.tls?.[k]
+      if (file === undefined) continue
+      try {
+        readFileSync(file)
+      } catch (err) {
+        problems.push(`bridges[${i}].tls.${k}: cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? String(err)})`)
+      }
+    }
+    const urls = b.urls ?? (b.url === undefined ? [] : [b.url])
+    urls.forEach((u, j) => {
+      if (/^(mqtts|wss):/.test(u) && b.tls === undefined) return // public CAs
+      if (/^(mqtt|ws):/.test(u) && b.tls !== undefined) problems.push(`bridges[${i}].${b.urls === undefined ? 'url' : `urls[${j}]`}: tls is set but "${u}" is not mqtts:// or wss://`)
+    })
+  })
+  if (problems.length > 0) throw new ConfigError(problems.join('\n'))
+}
+
+/** Packet ids for one bridge: in flight on the current connection, plus those stored with QoS 2 entries. */
+class PacketIds {
+  /** Ids stored with outbox entries not yet finished (QoS 2): never handed to another message. */
+  readonly reserved = new Set<number>()
+  /** Ids MQTT.js holds on the current connection. */
+  readonly used = new Set<number>()
+  #forced: number | null = null
+  #next = 1
+  #last = 1
+
+  /** The id the next allocate() returns (MQTT.js allocates inside publish()). */
+  force (id: number): void {
+    this.#forced = id
+  }
+
+  /** A free id, reserved for a QoS 2 entry (stored with it before sending), or null when all 65,535 are taken. */
+  pick (): number | null {
+    for (let i = 0; i < 65_535; i++) {
+      const id = this.#next
+      this.#next = id === 65_535 ? 1 : id + 1
+      if (!this.used.has(id) && !this.reserved.has(id)) return id
+    }
+    return null
+  }
+
+  // IMessageIdProvider (MQTT.js)
+  allocate (): number | null {
+    let id = this.#forced
+    this.#forced = null
+    id ??= this.pick()
+    if (id === null) return null
+    this.used.add(id)
+    this.#last = id
+    return id
+  }
+
+  getLastAllocated (): number | null {
+    return this.#last
+  }
+
+  register (id: number): boolean {
+    if (this.used.has(id)) return false
+    this.used.add(id)
+    return true
+  }
+
+  deallocate (id: number): void {
+    this.used.delete(id)
+  }
+
+  clear (): void {
+    this.used.clear()
+  }
+}
+
+/** One connection to the upstream: its MQTT.js client and what is in flight on it. */
+interface Link {
+  client: MqttClient
+  url: string
+  /** True from CONNACK until close. */
+  up: boolean
+  /** Sent, not yet acknowledged, by packet id (QoS 1/2). */
+  readonly window: Map<number, Queued>
+  /** QoS 0 entries written to the socket but not yet confirmed written. */
+  readonly qos0: Set<Queued>
+  connectedAt: number
+}
+
+export class Bridge implements BridgeSources {
+  readonly name: string
+  readonly #config: BridgeConfig
+  readonly #host: BridgeHost
+  readonly #outbox: Outbox
+  readonly #store: Store
+  readonly #urls: string[]
+  readonly #out: TopicMapping[]
+  readonly #in: TopicMapping[]
+  readonly #ids = new PacketIds()
+  readonly #clientId: string
+  readonly #tls: { ca?: Buffer, cert?: Buffer, key?: Buffer }
+  #link: Link | null = null
+  #urlIndex = 0
+  /** Failed rounds through the URL list since the last stable connection (the back-off exponent). */
+  #attempt = 0
+  #timer: NodeJS.Timeout | null = null
+  #stableTimer: NodeJS.Timeout | null = null
+  #expiryTimer: NodeJS.Timeout | null = null
+  #pumping = false
+  #pumpAgain = false
+  #stopped = false
+  #connects = 0
+  /** Outbox entries sent at least once on an earlier connection (re-sent with DUP). */
+  readonly #sentBefore = new Set<number>()
+  /** Payloads this bridge published locally: never sent back out through it. */
+  readonly #injected = new WeakSet<Buffer>()
+  #lastFullLog = 0
+  #lastStateLogged: 'up' | 'down' | null = null
+
+  private constructor (config: BridgeConfig, store: Store, outbox: Outbox, host: BridgeHost) {
+    this.name = config.name
+    this.#config = config
+    this.#store = store
+    this.#outbox = outbox
+    this.#host = host
+    this.#urls = config.urls ?? [config.url as string]
+    this.#out = config.topics.filter((m) => m.direction !== 'in')
+    this.#in = config.topics.filter((m) => m.direction !== 'out')
+    this.#clientId = config.clientId ?? `${hostname()}.${config.name}`
+    this.#tls = {
+      ...(config.tls?.ca === undefined ? {} : { ca: readFileSync(config.tls.ca) }),
+      ...(config.tls?.cert === undefined ? {} : { cert: readFileSync(config.tls.cert) }),
+      ...(config.tls?.key === undefined ? {} : { key: readFileSync(config.tls.key) }),
+    }
+  }
+
+  /** Opens the bridge's outbox; start() connects. */
+  static async open (config: BridgeConfig, store: Store, host: BridgeHost): Promise<Bridge> {
+    const outbox = await Outbox.open(store, config.name, config.outbox)
+    const bridge = new Bridge(config, store, outbox, host)
+    for (const id of await outbox.storedPacketIds()) bridge.#ids.reserved.add(id)
+    const size = outbox.size
+    if (size.messages > 0) host.logger.info({ bridge: config.name, messages: size.messages, bytes: size.bytes }, 'bridge outbox holds messages from before the restart: they are sent once the upstream is reached')
+    return bridge
+  }
+
+  start (): void {
+    this.#connect()
+    const sweep = (): void => {
+      this.#outbox.expire().then((n) => { if (n > 0) this.#expired(n) }, (err: Error) => {
+        this.#host.logger.warn({ bridge: this.name, err: err.message }, 'bridge outbox expiry sweep failed')
+      })
+    }
+    if (this.#config.outbox.maxAgeSeconds > 0) {
+      this.#expiryTimer = setInterval(sweep, Math.min(60_000, Math.max(1000, this.#config.outbox.maxAgeSeconds * 100)))
+      this.#expiryTimer.unref()
+    }
+  }
+
+  /** Closes the upstream connection (entries in flight stay in the outbox for the next start). */
+  async stop (): Promise<void> {
+    this.#stopped = true
+    for (const t of [this.#timer, this.#stableTimer]) if (t !== null) clearTimeout(t)
+    if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
+    const link = this.#link
+    if (link === null) return
+    this.#drop(link)
+    await new Promise<void>((resolve) => link.client.end(true, {}, () => resolve()))
+  }
+
+  // ---- BridgeSources (metrics, $SYS) ----
+
+  connected (): boolean {
+    return this.#link?.up ?? false
+  }
+
+  outbox (): { messages: number, bytes: number } {
+    return this.#outbox.size
+  }
+
+  async oldestAgeMs (): Promise<number> {
+    return await this.#outbox.oldestAgeMs().catch(() => 0)
+  }
+
+  /** Publishes this bridge's figures under $SYS/ferrymq/bridges/<name>/. */
+  async publishSys (): Promise<void> {
+    const m = this.#host.metrics
+    const value = async (metric: { get (): Promise<{ values: Array<{ value: number, labels: Record<string, string | number> }> }> }, labels: Record<string, string> = {}): Promise<number> =>
+      (await metric.get()).values.filter((v) => v.labels.bridge === this.name && Object.entries(labels).every(([k, l]) => v.labels[k] === l)).reduce((s, v) => s + v.value, 0)
+    const base = `$SYS/ferrymq/bridges/${this.name}`
+    const stats: Array<[string, number]> = [
+      ['connected', this.connected() ? 1 : 0],
+      ['outbox/messages', this.#outbox.size.messages],
+      ['outbox/bytes', this.#outbox.size.bytes],
+      ['outbox/oldestAgeSeconds', Math.floor(await this.oldestAgeMs() / 1000)],
+      ['forwarded/out', await value(m.bridgeForwarded, { direction: 'out' })],
+      ['forwarded/in', await value(m.bridgeForwarded, { direction: 'in' })],
+      ['dropped', await value(m.bridgeDropped)],
+      ['expired', await value(m.bridgeExpired)],
+      ['reconnects', await value(m.bridgeReconnects)],
+    ]
+    for (const [topic, n] of stats) this.#host.sys(`${base}/${topic}`, String(n))
+  }
+
+  // ---- outbound: local messages into the outbox ----
+
+  /** The outbox message for a local message, or null when no out-mapping takes it (or it came in through this bridge). */
+  route (message: LocalMessage): OutboxMessage | null {
+    if (this.#injected.has(message.payload)) return null
+    for (const m of this.#out) {
+      const remote = toRemote(m, message.topic)
+      if (remote === null) continue
+      const expiry = message.properties?.messageExpiryInterval
+      return {
+        topic: remote,
+        payload: message.payload,
+        qos: Math.min(message.qos, m.qos) as 0 | 1 | 2,
+        retain: message.retain,
+        ...(expiry === undefined ? {} : { messageExpiry: expiry }),
+      }
+    }
+    return null
+  }
+
+  /** True when a message for this bridge would be refused now (`whenFull: reject` and the outbox is full). */
+  refuses (message: LocalMessage): boolean {
+    if (this.#config.outbox.whenFull !== 'reject') return false
+    const { messages, bytes } = this.#outbox.size
+    const full = messages >= this.#config.outbox.maxMessages || bytes + message.payload.length > this.#config.outbox.maxBytes
+    return full && this.route(message) !== null
+  }
+
+  /** Appends a routed message durably; resolves once written. Drops are counted and logged here. */
+  async enqueue (message: OutboxMessage): Promise<void> {
+    try {
+      const { dropped } = await this.#outbox.append(message)
+      if (dropped > 0) this.#dropped('outbox_full', dropped, 'bridge outbox full (outbox.maxMessages / maxBytes): its oldest unsent messages were dropped to make room')
+    } catch (err) {
+      if (err instanceof OutboxFullError) {
+        this.#dropped('outbox_full', 1, `bridge outbox full: a message was refused (${err.message})`)
+      }
+      throw err
+    }
+    void this.#pump()
+  }
+
+  /** Marks a payload as having come in through this bridge, so route() never sends it back out. */
+  markInjected (payload: Buffer): void {
+    this.#injected.add(payload)
+  }
+
+  #dropped (reason: 'outbox_full' | 'upstream_refused', n: number, message: string, extra: object = {}): void {
+    this.#host.metrics.bridgeDropped.inc({ bridge: this.name, reason }, n)
+    const now = Date.now()
+    if (reason === 'outbox_full' && now - this.#lastFullLog < 10_000) return
+    if (reason === 'outbox_full') this.#lastFullLog = now
+    this.#host.logger.warn({ bridge: this.name, reason, dropped: n, outbox: this.#outbox.size, ...extra }, message)
+    void this.publishSys()
+  }
+
+  #expired (n: number): void {
+    this.#host.metrics.bridgeExpired.inc({ bridge: this.name }, n)
+    this.#host.logger.warn({ bridge: this.name, expired: n, maxAgeSeconds: this.#config.outbox.maxAgeSeconds },
+      'bridge outbox: messages expired before they could be sent (outbox.maxAgeSeconds or their message expiry) and were dropped')
+    void this.publishSys()
+  }
+
+  // ---- the link ----
+
+  #connect (): void {
+    if (this.#stopped) return
+    const url = this.#urls[this.#urlIndex] as string
+    const c = this.#config
+    if (this.#connects++ > 0) this.#host.metrics.bridgeReconnects.inc({ bridge: this.name })
+    let link: Link | null = null
+    const incoming = new IncomingStore(this.#store, this.name, (err) => {
+      this.#host.logger.warn({ bridge: this.name, err: err.message }, 'bridge: inbound QoS 2 message not stored; closing the link so the upstream sends it again')
+      link?.client.stream.destroy()
+    })
+    const options: IClientOptions = {
+      clientId: this.#clientId,
+      protocolVersion: c.protocolVersion,
+      manualConnect: true,
+      clean: c.clean,
+      keepalive: c.keepaliveSeconds,
+      reconnectPeriod: 0,
+      connectTimeout: c.reconnect.connectTimeoutMs,
+      queueQoSZero: false,
+      resubscribe: false,
+      outgoingStore: this.#outgoingStore(() => link),
+      incomingStore: incoming,
+      messageIdProvider: this.#ids,
+      ...(c.username === undefined ? {} : { username: c.username }),
+      ...(c.password === undefined ? {} : { password: c.password }),
+      ...(c.protocolVersion === 5 ? { properties: { sessionExpiryInterval: c.clean ? 0 : c.sessionExpirySeconds } } : {}),
+      ...this.#tls,
+      rejectUnauthorized: c.tls?.verify ?? true,
+      ...(c.tls?.servername === undefined ? {} : { servername: c.tls.servername }),
+    }
+    const client = mqtt.connect(url, options)
+    if (c.protocolVersion === 4) {
+      // 3.1.1: the bridge flag (protocol level | 0x80), which tells Mosquitto (and FerryMQ) not to
+      // send this connection's own messages back to it. MQTT.js has no option for it; mqtt-packet
+      // writes it for a CONNECT packet with bridgeMode.
+      const raw = client as unknown as { _writePacket: (packet: Packet & { bridgeMode?: boolean }, cb?: unknown) => void }
+      const write = raw._writePacket.bind(client)
+      raw._writePacket = (packet, cb) => {
+        if (packet.cmd === 'connect') packet.bridgeMode = true
+        write(packet, cb)
+      }
+    }
+    link = { client, url, up: false, window: new Map(), qos0: new Set(), connectedAt: 0 }
+    this.#link = link
+    const current = link
+    client.handleMessage = (packet, cb) => this.#inbound(current, packet, cb)
+    client.on('connect', (connack) => {
+      void this.#onConnect(current, connack.sessionPresent, incoming)
+    })
+    client.on('error', (err: Error & { code?: number | string }) => {
+      if (current !== this.#link) return
+      this.#host.logger[current.up ? 'warn' : 'info']({ bridge: this.name, url, err: err.message, code: err.code }, current.up ? 'bridge link error' : 'bridge could not connect')
+      client.stream?.destroy()
+    })
+    client.on('close', () => this.#onClose(current))
+    client.connect()
+  }
+
+  async #onConnect (link: Link, sessionPresent: boolean, incoming: IncomingStore): Promise<void> {
+    if (link !== this.#link || this.#stopped) return
+    link.up = true
+    link.connectedAt = Date.now()
+    if (this.#lastStateLogged !== 'up') {
+      this.#host.logger.info({ bridge: this.name, url: link.url, sessionPresent, outbox: this.#outbox.size }, 'bridge connected')
+    }
+    this.#lastStateLogged = 'up'
+    this.#stableTimer = setTimeout(() => { if (link.up) this.#attempt = 0 }, this.#config.reconnect.stableMs)
+    this.#stableTimer.unref()
+    if (!sessionPresent) await incoming.clear().catch(() => {})
+    const subs = this.#in.map((m) => remoteFilter(m))
+    if (subs.length > 0) {
+      const opts = Object.fromEntries(this.#in.map((m) => [remoteFilter(m), this.#config.protocolVersion === 5 ? { qos: m.qos, nl: true, rap: true } : { qos: m.qos }]))
+      link.client.subscribe(opts, (err, granted) => {
+        if (err !== null && err !== undefined) {
+          if (link.up) this.#host.logger.warn({ bridge: this.name, err: err.message }, 'bridge: upstream subscription failed')
+          return
+        }
+        const refused = (granted ?? []).filter((g) => (g.qos & 0x80) !== 0)
+        if (refused.length > 0) this.#host.logger.error({ bridge: this.name, filters: refused.map((g) => g.topic) }, 'bridge: the upstream refused subscriptions of in-mappings; nothing comes in on them')
+      })
+    }
+    void this.#pump()
+  }
+
+  #onClose (link: Link): void {
+    if (link !== this.#link) return
+    const wasUp = link.up
+    this.#drop(link)
+    this.#link = null
+    if (this.#stopped) return
+    if (wasUp) {
+      this.#host.logger.warn({ bridge: this.name, url: link.url, outbox: this.#outbox.size }, 'bridge disconnected: outbound messages wait in the outbox')
+      this.#lastStateLogged = 'down'
+      this.#urlIndex = 0 // the preferred URL first again
+      this.#schedule(this.#delay())
+      return
+    }
+    // Failover: the next URL at once; after the last one, back off.
+    this.#urlIndex = (this.#urlIndex + 1) % this.#urls.length
+    if (this.#urlIndex !== 0) {
+      this.#schedule(0)
+      return
+    }
+    this.#attempt++
+    this.#schedule(this.#delay())
+  }
+
+  /** Ends a link's bookkeeping: entries in flight go back to the outbox, to be sent again on the next link. */
+  #drop (link: Link): void {
+    link.up = false
+    if (this.#stableTimer !== null) clearTimeout(this.#stableTimer)
+    for (const q of link.window.values()) {
+      this.#sentBefore.add(q.seq)
+      this.#outbox.release(q)
+    }
+    link.window.clear()
+    for (const q of link.qos0) this.#outbox.release(q)
+    link.qos0.clear()
+    this.#ids.clear()
+    link.client.removeAllListeners('connect')
+    link.client.on('error', () => {})
+    link.client.end(true)
+  }
+
+  /** Exponential back-off with full jitter between minDelayMs and the capped exponential. */
+  #delay (): number {
+    const { minDelayMs, maxDelayMs } = this.#config.reconnect
+    const cap = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(this.#attempt, 30))
+    return minDelayMs + Math.random() * (cap - minDelayMs)
+  }
+
+  #schedule (ms: number): void {
+    if (this.#stopped) return
+    this.#timer = setTimeout(() => { this.#timer = null; this.#connect() }, ms)
+  }
+
+  /** MQTT.js's outgoing store: only the PUBREL matters, its PUBREC is stored before the PUBREL goes out. */
+  #outgoingStore (link: () => Link | null): IStore {
+    const store: IStore = {
+      put: (packet: Packet, cb: (err?: Error) => void) => {
+        const l = link()
+        const id = (packet as { messageId?: number }).messageId
+        const q = id === undefined ? undefined : l?.window.get(id)
+        if (packet.cmd !== 'pubrel' || l === null || q === undefined || q.entry.released === true) {
+          cb()
+          return store
+        }
+        this.#outbox.markReleased(q).then(() => cb(), (err: Error) => {
+          this.#host.logger.warn({ bridge: this.name, err: err.message }, 'bridge: PUBREC not stored; closing the link to finish the message later')
+          l.client.stream.destroy()
+        })
+        return store
+      },
+      del: (packet: Pick<Packet, 'messageId'>, cb: (err?: Error, packet?: Packet) => void) => { cb(undefined, packet as Packet); return store },
+      get: (_packet: Pick<Packet, 'messageId'>, cb: (err?: Error, packet?: Packet) => void) => { cb(new Error('missing packet')); return store },
+      createStream: () => Readable.from([]) as unknown as ReturnType<IStore['createStream']>,
+      close: (cb: () => void) => cb(),
+    }
+    return store
+  }
+
+  // ---- the forwarder ----
+
+  async #pump (): Promise<void> {
+    if (this.#pumping) {
+      this.#pumpAgain = true
+      return
+    }
+    this.#pumping = true
+    try {
+      for (;;) {
+        this.#pumpAgain = false
+        const link = this.#link
+        if (link === null || !link.up) return
+        const max = this.#config.maxInflight
+        const room = max - link.window.size - link.qos0.size
+        // Refill in chunks, not one entry per acknowledgement: each take() is a LevelDB scan.
+        if (room <= 0 || (room < Math.ceil(max / 4) && link.window.size > 0)) {
+          if (!this.#pumpAgain) return
+          continue
+        }
+        const batch = await this.#outbox.take(room)
+        if (batch.length === 0) {
+          if (!this.#pumpAgain) return
+          continue
+        }
+        await this.#send(link, batch)
+      }
+    } catch (err) {
+      this.#host.logger.warn({ bridge: this.name, err: (err as Error).message }, 'bridge: reading or updating the outbox failed; closing the link to try again')
+      this.#link?.client.stream?.destroy()
+    } finally {
+      this.#pumping = false
+    }
+  }
+
+  async #send (link: Link, batch: Queued[]): Promise<void> {
+    const now = Date.now()
+    const send: Queued[] = []
+    const expired: Queued[] = []
+    for (const q of batch) {
+      if (q.entry.packetId === undefined && isExpired(q.entry, this.#config.outbox, now)) expired.push(q)
+      else send.push(q)
+    }
+    if (expired.length > 0) {
+      await Promise.all(expired.map((q) => this.#outbox.remove(q)))
+      this.#expired(expired.length)
+    }
+    // QoS 2: the packet ids go to disk (one write for the batch) before any of them is sent.
+    const assign: Array<{ queued: Queued, packetId: number }> = []
+    for (const q of send) {
+      if (q.entry.qos !== 2 || q.entry.packetId !== undefined) continue
+      const id = this.#ids.pick()
+      if (id === null) break
+      this.#ids.reserved.add(id)
+      assign.push({ queued: q, packetId: id })
+    }
+    if (assign.length > 0) {
+      try {
+        await this.#outbox.assignPacketIds(assign)
+      } catch (err) {
+        for (const a of assign) this.#ids.reserved.delete(a.packetId)
+        for (const q of send) this.#outbox.release(q)
+        throw err
+      }
+    }
+    for (let i = 0; i < send.length; i++) {
+      const q = send[i] as Queued
+      if (!link.up || link !== this.#link || (q.entry.qos === 2 && q.entry.packetId === undefined)) {
+        for (const rest of send.slice(i)) this.#outbox.release(rest)
+        return
+      }
+      this.#publish(link, q)
+    }
+  }
+
+  #publish (link: Link, q: Queued): void {
+    const e = q.entry
+    const opts: IClientPublishOptions = { qos: e.qos, retain: e.retain }
+    if (this.#config.protocolVersion === 5 && e.messageExpiry !== undefined) {
+      opts.properties = { messageExpiryInterval: Math.max(1, Math.ceil(e.messageExpiry - (Date.now() - e.enqueuedAt) / 1000)) }
+    }
+    const sentAt = performance.now()
+    if (e.qos === 0) {
+      link.qos0.add(q)
+      link.client.publish(e.topic, e.payload, opts, (err) => {
+        link.qos0.delete(q)
+        if (err !== undefined && err !== null) return // released by #drop, sent on the next link
+        this.#done(q, sentAt)
+      })
+      return
+    }
+    if (e.released === true && e.packetId !== undefined) {
+      this.#pubrel(link, q, e.packetId, sentAt)
+      return
+    }
+    const id = e.packetId ?? this.#ids.pick()
+    if (id === null) {
+      this.#outbox.release(q)
+      return
+    }
+    if (e.packetId !== undefined || this.#sentBefore.has(q.seq)) opts.dup = true
+    link.window.set(id, q)
+    this.#ids.force(id)
+    link.client.publish(e.topic, e.payload, opts, (err) => this.#acked(link, id, q, err, sentAt))
+  }
+
+  /** A QoS 2 message whose PUBREC was stored before the last link went down: only the PUBREL is owed. */
+  #pubrel (link: Link, q: Queued, id: number, sentAt: number): void {
+    // MQTT.js has no public call for this; it is how its own store replay sends a stored PUBREL.
+    const client = link.client as unknown as {
+      outgoing: Record<number, { volatile: boolean, cmd: string, cb: (err?: Error, packet?: Packet) => void }>
+      _sendPacket: (packet: object, cb?: () => void, cbStorePut?: () => void, noStore?: boolean) => void
+    }
+    if (!this.#ids.register(id)) {
+      this.#outbox.release(q)
+      return
+    }
+    link.window.set(id, q)
+    client.outgoing[id] = { volatile: false, cmd: 'pubrel', cb: (err) => this.#acked(link, id, q, err, sentAt) }
+    client._sendPacket({ cmd: 'pubrel', qos: 2, messageId: id }, undefined, undefined, true)
+  }
+
+  #acked (link: Link, id: number, q: Queued, err: (Error & { code?: number }) | undefined | null, sentAt: number): void {
+    if (link.window.get(id) !== q) return // the link went down first: the entry was released
+    link.window.delete(id)
+    if (err !== undefined && err !== null) {
+      const code = err.code
+      if (typeof code !== 'number') return
+      if (ERROR_RETRY_CODES.has(code)) {
+        this.#outbox.release(q)
+        this.#host.logger.warn({ bridge: this.name, code, err: err.message }, 'bridge: the upstream asks to try later; reconnecting with back-off')
+        link.client.stream.destroy()
+        return
+      }
+      this.#ids.reserved.delete(id)
+      this.#dropped('upstream_refused', 1, 'bridge: the upstream refused a message (error reason code); it is dropped', { code, topic: q.entry.topic, reason: err.message })
+      this.#outbox.remove(q).catch(() => this.#outbox.release(q))
+      void this.#pump()
+      return
+    }
+    this.#ids.reserved.delete(id)
+    this.#host.metrics.bridgeRtt.observe({ bridge: this.name }, (performance.now() - sentAt) / 1000)
+    this.#done(q, sentAt)
+  }
+
+  #done (q: Queued, _sentAt: number): void {
+    this.#sentBefore.delete(q.seq)
+    this.#host.metrics.bridgeForwarded.inc({ bridge: this.name, direction: 'out' })
+    this.#outbox.remove(q).then(() => this.#pump(), (err: Error) => {
+      // Still in the outbox: sent again later (a duplicate, never a loss).
+      this.#outbox.release(q)
+      this.#host.logger.warn({ bridge: this.name, err: err.message }, 'bridge: acknowledged message not removed from the outbox; it will be sent again')
+    })
+    void this.#pump()
+  }
+
+  // ---- inbound ----
+
+  #inbound (link: Link, packet: Packet, cb: (err?: Error) => void): void {
+    const p = packet as unknown as { topic: string, payload: Buffer | string, qos: 0 | 1 | 2, retain: boolean }
+    let local: string | null = null
+    for (const m of this.#in) {
+      local = toLocal(m, p.topic)
+      if (local !== null) break
+    }
+    if (local === null) {
+      cb()
+      return
+    }
+    // A copy of our own, so the mark below names this message only.
+    const payload = Buffer.from(p.payload)
+    this.#injected.add(payload)
+    this.#host.publishLocal(this, { topic: local, payload, qos: p.qos, retain: p.retain }).then(() => {
+      this.#host.metrics.bridgeForwarded.inc({ bridge: this.name, direction: 'in' })
+      cb()
+    }, (err: Error) => {
+      this.#host.logger.warn({ bridge: this.name, topic: local, err: err.message }, 'bridge: inbound message not stored locally; not acknowledged, the upstream sends it again')
+      link.client.stream?.destroy()
+    })
+  }
+}
