@@ -45,6 +45,8 @@ export interface LocalMessage {
   properties?: { messageExpiryInterval?: number }
 }
 
+/** How long stop() waits for messages in flight to be acknowledged. */
+const STOP_WAIT_MS = 1000
 const ERROR_RETRY_CODES = new Set([0x91, 0x97]) // packet id in use, quota exceeded: try again later
 
 /** Checks every bridge's mappings and TLS files; throws ConfigError naming the setting. */
@@ -165,11 +167,17 @@ export class Bridge implements BridgeSources {
   #pumpAgain = false
   #stopped = false
   #connects = 0
+  /** Failed connection attempts since the last successful one (for the log). */
+  #failures = 0
   /** Outbox entries sent at least once on an earlier connection (re-sent with DUP). */
   readonly #sentBefore = new Set<number>()
   /** Payloads this bridge published locally: never sent back out through it. */
   readonly #injected = new WeakSet<Buffer>()
   #lastFullLog = 0
+  /** Outbox removals being written. */
+  readonly #removing = new Set<Promise<void>>()
+  /** Wakes stop() when an acknowledgement comes in. */
+  #onAck: (() => void) | null = null
   #lastStateLogged: 'up' | 'down' | null = null
 
   private constructor (config: BridgeConfig, store: Store, outbox: Outbox, host: BridgeHost) {
@@ -218,9 +226,23 @@ export class Bridge implements BridgeSources {
     for (const t of [this.#timer, this.#stableTimer]) if (t !== null) clearTimeout(t)
     if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
     const link = this.#link
-    if (link === null) return
-    this.#drop(link)
-    await new Promise<void>((resolve) => link.client.end(true, {}, () => resolve()))
+    if (link !== null) {
+      // Nothing new is sent; what is in flight gets a moment to be acknowledged, so a clean
+      // restart does not send it again.
+      await this.#windowEmpty(link, STOP_WAIT_MS)
+      this.#drop(link)
+      this.#link = null
+    }
+    // Removals of acknowledged entries finish before the store closes.
+    await Promise.allSettled([...this.#removing])
+  }
+
+  async #windowEmpty (link: Link, ms: number): Promise<void> {
+    const deadline = Date.now() + ms
+    while (link.up && (link.window.size > 0 || link.qos0.size > 0) && Date.now() < deadline) {
+      await new Promise<void>((resolve) => { this.#onAck = resolve; setTimeout(resolve, 20).unref() })
+    }
+    this.#onAck = null
   }
 
   // ---- BridgeSources (metrics, $SYS) ----
@@ -373,7 +395,15 @@ export class Bridge implements BridgeSources {
     })
     client.on('error', (err: Error & { code?: number | string }) => {
       if (current !== this.#link) return
-      this.#host.logger[current.up ? 'warn' : 'info']({ bridge: this.name, url, err: err.message, code: err.code }, current.up ? 'bridge link error' : 'bridge could not connect')
+      if (current.up) {
+        this.#host.logger.warn({ bridge: this.name, url, err: err.message, code: err.code }, 'bridge link error')
+      } else {
+        // Attempts 1, 2, 4, 8, … are logged: a long outage stays a few lines an hour.
+        this.#failures++
+        if ((this.#failures & (this.#failures - 1)) === 0) {
+          this.#host.logger.warn({ bridge: this.name, url, err: err.message, code: err.code, attempts: this.#failures, outbox: this.#outbox.size }, 'bridge could not connect; retrying with back-off')
+        }
+      }
       client.stream?.destroy()
     })
     client.on('close', () => this.#onClose(current))
@@ -384,6 +414,7 @@ export class Bridge implements BridgeSources {
     if (link !== this.#link || this.#stopped) return
     link.up = true
     link.connectedAt = Date.now()
+    this.#failures = 0
     if (this.#lastStateLogged !== 'up') {
       this.#host.logger.info({ bridge: this.name, url: link.url, sessionPresent, outbox: this.#outbox.size }, 'bridge connected')
     }
@@ -413,6 +444,8 @@ export class Bridge implements BridgeSources {
     this.#link = null
     if (this.#stopped) return
     if (wasUp) {
+      // A link that did not stay up for reconnect.stableMs counts as a failure: flapping backs off too.
+      if (Date.now() - link.connectedAt < this.#config.reconnect.stableMs) this.#attempt++
       this.#host.logger.warn({ bridge: this.name, url: link.url, outbox: this.#outbox.size }, 'bridge disconnected: outbound messages wait in the outbox')
       this.#lastStateLogged = 'down'
       this.#urlIndex = 0 // the preferred URL first again
@@ -495,7 +528,7 @@ export class Bridge implements BridgeSources {
       for (;;) {
         this.#pumpAgain = false
         const link = this.#link
-        if (link === null || !link.up) return
+        if (link === null || !link.up || this.#stopped) return
         const max = this.#config.maxInflight
         const room = max - link.window.size - link.qos0.size
         // Refill in chunks, not one entry per acknowledgement: each take() is a LevelDB scan.
@@ -527,7 +560,7 @@ export class Bridge implements BridgeSources {
       else send.push(q)
     }
     if (expired.length > 0) {
-      await Promise.all(expired.map((q) => this.#outbox.remove(q)))
+      await Promise.all(expired.map((q) => this.#remove(q)))
       this.#expired(expired.length)
     }
     // QoS 2: the packet ids go to disk (one write for the batch) before any of them is sent.
@@ -568,8 +601,11 @@ export class Bridge implements BridgeSources {
     if (e.qos === 0) {
       link.qos0.add(q)
       link.client.publish(e.topic, e.payload, opts, (err) => {
-        link.qos0.delete(q)
-        if (err !== undefined && err !== null) return // released by #drop, sent on the next link
+        if (!link.qos0.delete(q)) return // released by #drop already
+        if (err !== undefined && err !== null) {
+          this.#outbox.release(q) // not written: sent on the next link
+          return
+        }
         this.#done(q, sentAt)
       })
       return
@@ -610,7 +646,12 @@ export class Bridge implements BridgeSources {
     link.window.delete(id)
     if (err !== undefined && err !== null) {
       const code = err.code
-      if (typeof code !== 'number') return
+      if (typeof code !== 'number') {
+        // The connection closed under it: back to the outbox, re-sent (with DUP) on the next link.
+        this.#sentBefore.add(q.seq)
+        this.#outbox.release(q)
+        return
+      }
       if (ERROR_RETRY_CODES.has(code)) {
         this.#outbox.release(q)
         this.#host.logger.warn({ bridge: this.name, code, err: err.message }, 'bridge: the upstream asks to try later; reconnecting with back-off')
@@ -619,7 +660,7 @@ export class Bridge implements BridgeSources {
       }
       this.#ids.reserved.delete(id)
       this.#dropped('upstream_refused', 1, 'bridge: the upstream refused a message (error reason code); it is dropped', { code, topic: q.entry.topic, reason: err.message })
-      this.#outbox.remove(q).catch(() => this.#outbox.release(q))
+      this.#remove(q).catch(() => this.#outbox.release(q))
       void this.#pump()
       return
     }
@@ -631,12 +672,22 @@ export class Bridge implements BridgeSources {
   #done (q: Queued, _sentAt: number): void {
     this.#sentBefore.delete(q.seq)
     this.#host.metrics.bridgeForwarded.inc({ bridge: this.name, direction: 'out' })
-    this.#outbox.remove(q).then(() => this.#pump(), (err: Error) => {
+    this.#onAck?.()
+    this.#remove(q).then(() => this.#pump(), (err: Error) => {
       // Still in the outbox: sent again later (a duplicate, never a loss).
       this.#outbox.release(q)
       this.#host.logger.warn({ bridge: this.name, err: err.message }, 'bridge: acknowledged message not removed from the outbox; it will be sent again')
     })
     void this.#pump()
+  }
+
+  /** Outbox.remove, tracked so stop() can wait for it. */
+  #remove (q: Queued): Promise<void> {
+    const p = this.#outbox.remove(q)
+    this.#removing.add(p)
+    const forget = (): void => { this.#removing.delete(p) }
+    p.then(forget, forget)
+    return p
   }
 
   // ---- inbound ----

@@ -116,4 +116,40 @@ describe('bridge Outbox (LevelDB)', () => {
     expect(all.slice(-30)).toEqual(Array.from({ length: 30 }, (_v, i) => String(100 + i)))
     await store.close()
   })
+
+  it('entries sent under a packet id are never dropped or expired; PUBREC state and stored ids survive a reopen', async () => {
+    const dir = tempDir()
+    let { store, outbox } = await open(dir, { maxMessages: 4, maxAgeSeconds: 60 })
+    const t0 = 1_000_000
+    for (let i = 0; i < 4; i++) await outbox.append(msg(i, { qos: 2 }), t0)
+    const [a, b] = await outbox.take(2) as [Queued, Queued]
+    await outbox.assignPacketIds([{ queued: a, packetId: 11 }, { queued: b, packetId: 12 }])
+    await outbox.markReleased(b)
+    outbox.release(a)
+    outbox.release(b) // the link went down: back in the outbox, but sent under 11 and 12
+    expect(await outbox.append(msg(4, { qos: 2 }), t0)).toEqual({ dropped: 1 }) // 2 goes, not 0 or 1
+    expect(await outbox.expire(t0 + 120_000)).toBe(2) // 3 and 4; 0 and 1 stay
+    await store.close()
+
+    ;({ store, outbox } = await open(dir, { maxMessages: 4, maxAgeSeconds: 60 }))
+    expect([...await outbox.storedPacketIds()]).toEqual([11, 12])
+    const left = await outbox.take(10)
+    expect(left.map((q) => [q.entry.payload.toString(), q.entry.packetId, q.entry.released === true])).toEqual([['0', 11, false], ['1', 12, true]])
+    await store.close()
+  })
+
+  it('an entry removed while take() is scanning is not handed out again', async () => {
+    const { store, outbox } = await open(tempDir(), { maxMessages: 100_000 })
+    for (let i = 0; i < 20 * 50; i++) await outbox.append(msg(i))
+    // Each round: remove the entries in flight while a take() scans over them (its LevelDB
+    // snapshot still has them). Without the fix some round hands out a removed entry again.
+    let inFlight = await outbox.take(50)
+    for (let round = 1; round < 20; round++) {
+      const removing = Promise.all(inFlight.map((q) => outbox.remove(q)))
+      const [next] = await Promise.all([outbox.take(50), removing])
+      expect(payloads(next)).toEqual(Array.from({ length: 50 }, (_v, i) => String(round * 50 + i)))
+      inFlight = next
+    }
+    await store.close()
+  })
 })
