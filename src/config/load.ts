@@ -75,11 +75,15 @@ export function loadConfig (sources: ConfigSources = {}): Config {
     throw new ConfigError(result.error.issues.map((issue) => describeIssue(issue, origins, sources.file)).join('\n'))
   }
   const config = result.data
-  if (config.tls !== undefined && sources.file !== undefined) {
+  if (sources.file !== undefined) {
     // TLS files named in a config file are found beside it, wherever the broker is started from.
     const base = dirname(resolve(sources.file))
     const at = (p: string): string => (isAbsolute(p) ? p : resolve(base, p))
-    config.tls = { ...config.tls, cert: at(config.tls.cert), key: at(config.tls.key), ca: config.tls.ca === undefined ? undefined : at(config.tls.ca) }
+    const maybe = (p: string | undefined): string | undefined => (p === undefined ? undefined : at(p))
+    if (config.tls !== undefined) config.tls = { ...config.tls, cert: at(config.tls.cert), key: at(config.tls.key), ca: maybe(config.tls.ca) }
+    for (const b of config.bridges) {
+      if (b.tls !== undefined) b.tls = { ...b.tls, ca: maybe(b.tls.ca), cert: maybe(b.tls.cert), key: maybe(b.tls.key) }
+    }
   }
   return config
 }
