@@ -7,6 +7,7 @@ import type { BridgeConfig } from '../config/schema.js'
 import type { Logger } from '../observability/logger.js'
 import type { BridgeSources, Metrics } from '../observability/metrics.js'
 import type { Store } from '../store/open.js'
+import type { StoreOp } from '../store/writer.js'
 import { IncomingStore } from './incoming.js'
 import { mappingProblem, toLocal, toRemote, remoteFilter, type TopicMapping } from './mapping.js'
 import { isExpired, Outbox, OutboxFullError, type OutboxMessage, type Queued } from './outbox.js'
@@ -31,7 +32,7 @@ export interface BridgeHost {
   logger: Logger
   metrics: Metrics
   /** Publishes an inbound message locally; resolves once every copy is stored (then it is acknowledged upstream). */
-  publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean }): Promise<void>
+  publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean, onQueued?: StoreOp[] }): Promise<void>
   /** Publishes a $SYS message (QoS 0). */
   sys (topic: string, payload: string): void
 }
@@ -304,7 +305,10 @@ export class Bridge implements BridgeSources {
     if (this.#config.outbox.whenFull !== 'reject') return false
     const { messages, bytes } = this.#outbox.size
     const full = messages >= this.#config.outbox.maxMessages || bytes + message.payload.length > this.#config.outbox.maxBytes
-    return full && this.route(message) !== null
+    if (!full || this.route(message) === null) return false
+    // Counted and logged like a refusal in enqueue(): the publisher is refused, the message is lost to the bridge.
+    this.#dropped('outbox_full', 1, 'bridge outbox full (outbox.whenFull: reject): a message was refused and its publisher disconnected')
+    return true
   }
 
   /** Appends a routed message durably; resolves once written. Drops are counted and logged here. */
@@ -389,7 +393,7 @@ export class Bridge implements BridgeSources {
     link = { client, url, up: false, window: new Map(), qos0: new Set(), connectedAt: 0 }
     this.#link = link
     const current = link
-    client.handleMessage = (packet, cb) => this.#inbound(current, packet, cb)
+    client.handleMessage = (packet, cb) => this.#inbound(current, packet, cb, incoming)
     client.on('connect', (connack) => {
       void this.#onConnect(current, connack.sessionPresent, incoming)
     })
@@ -692,8 +696,8 @@ export class Bridge implements BridgeSources {
 
   // ---- inbound ----
 
-  #inbound (link: Link, packet: Packet, cb: (err?: Error) => void): void {
-    const p = packet as unknown as { topic: string, payload: Buffer | string, qos: 0 | 1 | 2, retain: boolean }
+  #inbound (link: Link, packet: Packet, cb: (err?: Error) => void, incoming: IncomingStore): void {
+    const p = packet as unknown as { topic: string, payload: Buffer | string, qos: 0 | 1 | 2, retain: boolean, messageId?: number }
     let local: string | null = null
     for (const m of this.#in) {
       local = toLocal(m, p.topic)
@@ -706,7 +710,10 @@ export class Bridge implements BridgeSources {
     // A copy of our own, so the mark below names this message only.
     const payload = Buffer.from(p.payload)
     this.#injected.add(payload)
-    this.#host.publishLocal(this, { topic: local, payload, qos: p.qos, retain: p.retain }).then(() => {
+    // QoS 2: the stored state goes in the batch that queues the local copies, so a crash never
+    // leaves both (a PUBREL after the restart would deliver it again).
+    const onQueued = p.qos === 2 && p.messageId !== undefined ? [incoming.deleteOp(p.messageId)] : undefined
+    this.#host.publishLocal(this, { topic: local, payload, qos: p.qos, retain: p.retain, ...(onQueued === undefined ? {} : { onQueued }) }).then(() => {
       this.#host.metrics.bridgeForwarded.inc({ bridge: this.name, direction: 'in' })
       cb()
     }, (err: Error) => {

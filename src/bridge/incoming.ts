@@ -3,7 +3,7 @@ import type { IStore, Packet } from 'mqtt'
 import { decode, encode } from '../store/codec.js'
 import { key, prefixRange, str, u16 } from '../store/keys.js'
 import type { Store } from '../store/open.js'
-import { sublevelOf, type Sublevel } from '../store/writer.js'
+import { sublevelOf, type StoreOp, type Sublevel } from '../store/writer.js'
 
 /*
  * The bridge's inbound QoS 2 state, on disk:
@@ -70,6 +70,14 @@ export class IncomingStore implements IStore {
     const keys = await this.#entries.keys(prefixRange(this.#prefix)).all()
     if (keys.length === 0) return
     await this.#store.writer.write(keys.map((k) => ({ type: 'del' as const, sublevel: this.#entries, key: k })))
+  }
+
+  /**
+   * The write that forgets a message's entry, for the batch that queues its local copies: after a
+   * crash the PUBREL then finds the entry exactly when the message was not queued (delivered once).
+   */
+  deleteOp (messageId: number): StoreOp {
+    return { type: 'del', sublevel: this.#entries, key: this.#key(messageId) }
   }
 
   #key (messageId: number): Buffer {

@@ -88,6 +88,8 @@ export class Outbox {
   readonly #unwritten = new Set<number>()
   /** Entries deleted by a batch not yet written (drop or remove), so take() skips them. */
   readonly #deleting = new Set<number>()
+  /** remove() calls of this event-loop turn, written together by #writeRemovals(). */
+  #removals: Array<{ queued: Queued, resolve: () => void, reject: (err: unknown) => void }> = []
 
   private constructor (store: Store, name: string, limits: OutboxLimits) {
     this.#store = store
@@ -199,19 +201,38 @@ export class Outbox {
   async take (n: number): Promise<Queued[]> {
     const out: Queued[] = []
     if (n <= 0) return out
-    let first = true
-    for await (const [, v, seq] of this.#scan(this.#entryKey(this.#floor))) {
-      // Everything before the first entry still here is gone: later scans start there, not at
-      // the tombstones of a million acknowledged entries.
-      if (first) this.#floor = seq
-      first = false
-      if (this.#unwritten.size > 0 && seq > Math.min(...this.#unwritten)) break
-      if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
-      this.#inflight.add(seq)
-      out.push({ seq, entry: decode<OutboxEntry>(v), size: v.length })
-      if (out.length >= n) break
+    // The iterator reads a snapshot taken now: appends written later are not in it, so the first
+    // unwritten sequence as of now is where this scan must stop.
+    const stop = this.#unwritten.size > 0 ? Math.min(...this.#unwritten) : Infinity
+    // Read in chunks (nextv), not an iterator step per entry: the forwarder calls this for every
+    // quarter window, and the entries in flight at the head are read again each time.
+    const gone = new Set<number>()
+    this.#scans.add(gone)
+    const it = this.#entries.iterator({ ...prefixRange(this.#prefix), gte: this.#entryKey(this.#floor) })
+    try {
+      let first = true
+      for (;;) {
+        const chunk = await it.nextv(Math.min(1000, n - out.length + this.#inflight.size + this.#deleting.size))
+        if (chunk.length === 0) break
+        for (const [k, v] of chunk) {
+          const seq = readU64(k)
+          if (gone.has(seq)) continue
+          // Everything before the first entry still here is gone: later scans start there, not at
+          // the tombstones of a million acknowledged entries.
+          if (first) this.#floor = seq
+          first = false
+          if (seq > stop) return out
+          if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
+          this.#inflight.add(seq)
+          out.push({ seq, entry: decode<OutboxEntry>(v), size: v.length })
+          if (out.length >= n) return out
+        }
+      }
+      return out
+    } finally {
+      this.#scans.delete(gone)
+      await it.close()
     }
-    return out
   }
 
   /**
@@ -277,18 +298,37 @@ export class Outbox {
     this.#deleting.add(queued.seq)
     this.#messages--
     this.#bytes -= queued.size
-    try {
-      await this.#store.writer.write([{ type: 'del', sublevel: this.#entries, key: this.#entryKey(queued.seq) }, this.#counterOp()])
-      for (const scan of this.#scans) scan.add(queued.seq)
-    } catch (err) {
-      this.#messages++
-      this.#bytes += queued.size
-      this.#floor = Math.min(this.#floor, queued.seq)
-      throw err
-    } finally {
-      this.#deleting.delete(queued.seq)
-      this.#inflight.delete(queued.seq)
+    // MQTT.js handles one acknowledgement per tick: the removals of one event-loop turn share a
+    // write (one delete each and one counter update, not a counter update per entry).
+    await new Promise<void>((resolve, reject) => {
+      if (this.#removals.push({ queued, resolve, reject }) === 1) setImmediate(() => this.#writeRemovals())
+    })
+  }
+
+  #writeRemovals (): void {
+    const group = this.#removals
+    this.#removals = []
+    const ops: StoreOp[] = group.map(({ queued }) => ({ type: 'del', sublevel: this.#entries, key: this.#entryKey(queued.seq) }))
+    ops.push(this.#counterOp())
+    const settle = (): void => {
+      for (const { queued } of group) {
+        this.#deleting.delete(queued.seq)
+        this.#inflight.delete(queued.seq)
+      }
     }
+    this.#store.writer.write(ops).then(() => {
+      this.#deleted(ops)
+      settle()
+      for (const r of group) r.resolve()
+    }, (err: unknown) => {
+      for (const { queued } of group) {
+        this.#messages++
+        this.#bytes += queued.size
+        this.#floor = Math.min(this.#floor, queued.seq)
+      }
+      settle()
+      for (const r of group) r.reject(err)
+    })
   }
 
   /** Gives an in-flight entry back (the link went down before it was acknowledged): take() hands it out again. */

@@ -12,6 +12,7 @@ import { readdir, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { openStore, type OpenOptions, type Store, type StoreObserver } from '../store/open.js'
 import { LevelPersistence, type JournalPacket, type QueueFullEvent } from '../store/persistence.js'
+import type { StoreOp } from '../store/writer.js'
 import { listenHttp } from '../transport/http.js'
 import type { Listener } from '../transport/listener.js'
 import { meterConnection, PacketTooLargeError, MalformedFramingError, type MeteredConnection } from '../transport/packet-meter.js'
@@ -608,10 +609,11 @@ class FerryBroker implements Broker {
   }
 
   /** Publishes a message that came in through a bridge; resolves once every local copy is stored. */
-  private async publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean }): Promise<void> {
+  private async publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean, onQueued?: StoreOp[] }): Promise<void> {
     const aedes = this.aedes
     if (aedes === null || aedes.closed) throw new Error('the broker is stopping')
     bridge.markInjected(message.payload)
+    if (message.onQueued !== undefined) this.persistence?.writeWithQueued(message.payload, message.onQueued)
     const packet = { cmd: 'publish' as const, topic: message.topic, payload: message.payload, qos: message.qos, retain: message.retain, dup: false }
     await new Promise<void>((resolve, reject) => aedes.publish(packet as PublishPacket, (err?: Error | null) => (err ? reject(err) : resolve())))
   }

@@ -231,6 +231,8 @@ export class LevelPersistence {
    * message and write its `I` mark in the same batch as its queue entries.
    */
   readonly #unqueuedIncoming = new WeakMap<object, Buffer>()
+  /** Writes owed with a message's queue entries, by payload Buffer (see writeWithQueued). */
+  readonly #withQueued = new WeakMap<object, StoreOp[]>()
   /** Per client, the last pending incomingGetPacket lookup: later ones wait for it to settle. */
   readonly #incomingLookups = new Map<string, Promise<void>>()
   /** Per client, entries its open outgoingStream has read and outgoingUpdate has not yet taken. */
@@ -506,6 +508,16 @@ export class LevelPersistence {
 
   // ---- outgoing queues ------------------------------------------------------------------------
 
+  /**
+   * `ops` are written in the same batch as the queue entries of the message whose payload is
+   * `payload` (the first outgoingEnqueueCombi for it), so they are on disk exactly when its copies
+   * are. A bridge deletes its inbound QoS 2 state this way: after a crash the upstream's PUBREL
+   * finds it only if the message was not queued yet.
+   */
+  writeWithQueued (payload: Buffer, ops: StoreOp[]): void {
+    this.#withQueued.set(payload, ops)
+  }
+
   /** Appends `packet` to the queue of `sub.clientId`. */
   async outgoingEnqueue (sub: { clientId: string }, packet: PacketLike): Promise<void> {
     await this.outgoingEnqueueCombi([sub], packet)
@@ -524,6 +536,11 @@ export class LevelPersistence {
     if (mark !== undefined) {
       this.#unqueuedIncoming.delete(packet.payload as object)
       ops.push({ type: 'put', sublevel: this.#incomingPublished, key: mark, value: Buffer.alloc(0) })
+    }
+    const owed = typeof packet.payload === 'object' && packet.payload !== null ? this.#withQueued.get(packet.payload) : undefined
+    if (owed !== undefined) {
+      this.#withQueued.delete(packet.payload as object)
+      ops.push(...owed)
     }
     try {
       await this.#enqueue(subs, packet, ops)
