@@ -143,6 +143,12 @@ interface Link {
   /** QoS 0 entries written to the socket but not yet confirmed written. */
   readonly qos0: Set<Queued>
   connectedAt: number
+  /** Messages in flight at most: maxInflight, lowered to the upstream's Receive Maximum (MQTT 5 CONNACK). */
+  limit: number
+  /** QoS 2 messages in flight at most (maxInflightQos2, and limit). */
+  limit2: number
+  /** QoS 2 entries in `window`. */
+  qos2: number
 }
 
 export class Bridge implements BridgeSources {
@@ -165,6 +171,8 @@ export class Bridge implements BridgeSources {
   #stableTimer: NodeJS.Timeout | null = null
   #expiryTimer: NodeJS.Timeout | null = null
   #pumping = false
+  /** Taken from the outbox, not yet sent: held back by the QoS 2 limit (oldest first). */
+  #held: Queued[] = []
   #pumpAgain = false
   #stopped = false
   #connects = 0
@@ -390,11 +398,17 @@ export class Bridge implements BridgeSources {
         write(packet, cb)
       }
     }
-    link = { client, url, up: false, window: new Map(), qos0: new Set(), connectedAt: 0 }
+    link = { client, url, up: false, window: new Map(), qos0: new Set(), connectedAt: 0, limit: c.maxInflight, limit2: Math.min(c.maxInflight, c.maxInflightQos2), qos2: 0 }
     this.#link = link
     const current = link
     client.handleMessage = (packet, cb) => this.#inbound(current, packet, cb, incoming)
     client.on('connect', (connack) => {
+      // MQTT 5: the upstream says how many QoS 1/2 messages it takes at once (Mosquitto: its max_inflight_messages).
+      const receiveMaximum = connack.properties?.receiveMaximum
+      if (receiveMaximum !== undefined && receiveMaximum > 0) {
+        current.limit = Math.min(current.limit, receiveMaximum)
+        current.limit2 = Math.min(current.limit2, receiveMaximum)
+      }
       void this.#onConnect(current, connack.sessionPresent, incoming)
     })
     client.on('error', (err: Error & { code?: number | string }) => {
@@ -475,6 +489,9 @@ export class Bridge implements BridgeSources {
       this.#outbox.release(q)
     }
     link.window.clear()
+    link.qos2 = 0
+    for (const q of this.#held) this.#outbox.release(q)
+    this.#held = []
     for (const q of link.qos0) this.#outbox.release(q)
     link.qos0.clear()
     this.#ids.clear()
@@ -533,14 +550,17 @@ export class Bridge implements BridgeSources {
         this.#pumpAgain = false
         const link = this.#link
         if (link === null || !link.up || this.#stopped) return
-        const max = this.#config.maxInflight
+        const max = link.limit
         const room = max - link.window.size - link.qos0.size
         // Refill in chunks, not one entry per acknowledgement: each take() is a LevelDB scan.
-        if (room <= 0 || (room < Math.ceil(max / 4) && link.window.size > 0)) {
+        const held = this.#held[0]
+        const blocked = held !== undefined && held.entry.qos === 2 && link.qos2 >= link.limit2
+        if (room <= 0 || blocked || (held === undefined && room < Math.ceil(max / 4) && link.window.size > 0)) {
           if (!this.#pumpAgain) return
           continue
         }
-        const batch = await this.#outbox.take(room)
+        // Entries held back by the QoS 2 limit go first (they are older than anything in the outbox).
+        const batch = held !== undefined ? this.#held.splice(0, room) : await this.#outbox.take(room)
         if (batch.length === 0) {
           if (!this.#pumpAgain) return
           continue
@@ -591,6 +611,11 @@ export class Bridge implements BridgeSources {
         for (const rest of send.slice(i)) this.#outbox.release(rest)
         return
       }
+      if (q.entry.qos === 2 && link.qos2 >= link.limit2) {
+        // The QoS 2 limit: this one and the rest wait, in order, for a PUBCOMP.
+        this.#held.unshift(...send.slice(i))
+        return
+      }
       this.#publish(link, q)
     }
   }
@@ -625,6 +650,7 @@ export class Bridge implements BridgeSources {
     }
     if (e.packetId !== undefined || this.#sentBefore.has(q.seq)) opts.dup = true
     link.window.set(id, q)
+    if (e.qos === 2) link.qos2++
     this.#ids.force(id)
     link.client.publish(e.topic, e.payload, opts, (err) => this.#acked(link, id, q, err, sentAt))
   }
@@ -641,6 +667,7 @@ export class Bridge implements BridgeSources {
       return
     }
     link.window.set(id, q)
+    link.qos2++
     client.outgoing[id] = { volatile: false, cmd: 'pubrel', cb: (err) => this.#acked(link, id, q, err, sentAt) }
     client._sendPacket({ cmd: 'pubrel', qos: 2, messageId: id }, undefined, undefined, true)
   }
@@ -648,6 +675,7 @@ export class Bridge implements BridgeSources {
   #acked (link: Link, id: number, q: Queued, err: (Error & { code?: number }) | undefined | null, sentAt: number): void {
     if (link.window.get(id) !== q) return // the link went down first: the entry was released
     link.window.delete(id)
+    if (q.entry.qos === 2) link.qos2--
     if (err !== undefined && err !== null) {
       const code = err.code
       if (typeof code !== 'number') {

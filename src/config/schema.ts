@@ -182,6 +182,12 @@ const bridgeSchema = z.strictObject({
   }).refine((r) => r.minDelayMs <= r.maxDelayMs, { error: 'minDelayMs must not exceed maxDelayMs', path: ['minDelayMs'] }).prefault({}),
   /** Messages sent upstream and not yet acknowledged (PUBACK / PUBCOMP), at most. */
   maxInflight: positiveInt('a message count', 1, 65_535, 100),
+  /**
+   * QoS 2 messages in flight at most (within maxInflight). An MQTT 3.1.1 upstream cannot say how
+   * many it takes at once and refuses the excess (Mosquitto: max_inflight_messages, default 20);
+   * an MQTT 5 upstream's Receive Maximum lowers both limits.
+   */
+  maxInflightQos2: positiveInt('a message count', 1, 65_535, 20),
   topics: z.array(mappingSchema, { error: 'expected a list of topic mappings' }).min(1, { error: 'expected at least one topic mapping' }),
   outbox: z.strictObject({
     maxMessages: positiveInt('a message count', 1, 1_000_000_000, 1_000_000),
