@@ -15,6 +15,11 @@ const SUITES: Record<string, { scenarios: readonly string[], brokers: readonly P
     brokers: PEERS,
     description: 'fan-in QoS 1, backlog and start-up with queued messages, every FerryMQ durability mode against Mosquitto with persistence false and true',
   },
+  bridge: {
+    scenarios: ['bridge-drain', 'bridge-publish-cost'],
+    brokers: ['ferrymq-os', 'ferrymq-fsync', 'mosquitto'],
+    description: 'store-and-forward bridge to an upstream Mosquitto: outbox drain after an outage and the publish cost of the outbox, FerryMQ\'s bridge (durable modes) against Mosquitto\'s own bridge',
+  },
 }
 const RESULTS = fileURLToPath(new URL('./results/', import.meta.url))
 
@@ -23,10 +28,10 @@ const HELP = `Usage: npm run bench -- [options]
 Runs FerryMQ and Mosquitto side by side on loopback, each scenario on each broker, alternating,
 and writes bench/results/<date>-<name>.{json,md,svg}.
 
-  --full                 longer runs, 10,000 connections, 100,000-message backlog, 1,000,000 queued at start-up, + mosquitto-persist
+  --full                 longer runs, 10,000 connections, 100,000-message backlog, 1,000,000 queued at start-up and in a bridge outbox, + mosquitto-persist
   --suite NAME           a named set of scenarios and brokers, written as <date>-NAME.*:
 ${Object.entries(SUITES).map(([name, s]) => `                           ${name}: ${s.description} (${s.scenarios.join(', ')} on ${s.brokers.join(', ')})`).join('\n')}
-  --scenario NAME[,…]    only these scenarios (${SCENARIOS.map((s) => s.name).join(', ')}; startup only on request)
+  --scenario NAME[,…]    only these scenarios (${SCENARIOS.map((s) => s.name).join(', ')}; startup and bridge-* only on request)
   --brokers NAME[,…]     brokers to run (${PEERS.join(', ')}); default ferrymq,mosquitto (quick)
   --reps N               runs per scenario and broker (default 3)
   --duration MS          measured window of a throughput run (default 2000 quick, 5000 full)
@@ -80,7 +85,7 @@ async function main (): Promise<number> {
   const started = Date.now()
   const result = await runBench({
     // startup (persistent brokers only, minutes of filling) runs with --suite durability or --scenario startup.
-    scenarios: list(values.scenario, suite?.scenarios ?? SCENARIOS.filter((s) => s.persistentOnly !== true).map((s) => s.name)),
+    scenarios: list(values.scenario, suite?.scenarios ?? SCENARIOS.filter((s) => s.persistentOnly !== true && s.onRequest !== true).map((s) => s.name)),
     brokers: brokers as PeerName[],
     reps,
     quick: !full,

@@ -19,6 +19,8 @@ export interface Peer {
   rssBytes (): number
   /** Bytes under the peer's directory (config, data directory or persistence file). */
   diskBytes (): number
+  /** FerryMQ started with `metrics: true`: the port of its HTTP listener (/metrics). */
+  readonly httpPort?: number
   /** The sink only: PUBLISH packets it has received. */
   received? (): Promise<number>
   /**
@@ -111,10 +113,28 @@ function dirBytes (path: string): number {
 export interface StartOptions {
   /** Write a V8 CPU profile of FerryMQ into this directory when it stops. */
   profileDir?: string
+  /** FerryMQ: YAML lines appended to its config file (top-level keys the bench does not set, e.g. `bridges:`). */
+  ferrymqConfig?: readonly string[]
+  /**
+   * Mosquitto: lines appended to its config file. A global option given here replaces the bench's
+   * own line for it (`max_queued_messages 0`); a `connection` section goes last, as Mosquitto wants.
+   */
+  mosquittoConfig?: readonly string[]
+  /** FerryMQ: listen for HTTP (/metrics) on a free loopback port (Peer.httpPort). */
+  metrics?: boolean
+}
+
+/** The bench's own Mosquitto lines, without those whose option `extra` sets again, then `extra`. */
+function mosquittoLines (own: string[], extra: readonly string[]): string[] {
+  const option = (line: string): string => line.trim().split(/\s+/)[0] ?? ''
+  const bridgeAt = extra.findIndex((l) => option(l) === 'connection')
+  const globals = new Set((bridgeAt === -1 ? extra : extra.slice(0, bridgeAt)).map(option))
+  globals.delete('listener')
+  return [...own.filter((l) => !globals.has(option(l))), ...extra]
 }
 
 /** Writes the peer's config into `dir` (once) and spawns it; FerryMQ in `durability`. */
-function spawnPeer (name: PeerName, port: number, dir: string, options: StartOptions, durability: FerryDurability): ChildProcess {
+function spawnPeer (name: PeerName, port: number, dir: string, options: StartOptions, durability: FerryDurability, httpPort: number): ChildProcess {
   let proc: ChildProcess
   if (name.startsWith('ferrymq')) {
     const config = join(dir, 'ferrymq.yaml')
@@ -125,17 +145,18 @@ function spawnPeer (name: PeerName, port: number, dir: string, options: StartOpt
       '  maxQueuedMessages: 10000000',
       'sys:',
       '  intervalSeconds: 0',
+      ...(options.ferrymqConfig ?? []),
       '',
     ].join('\n'))
     const profile = options.profileDir === undefined ? [] : ['--cpu-prof', '--cpu-prof-dir', options.profileDir]
-    proc = spawn(process.execPath, [...profile, FERRYMQ_CLI, '--config', config, '--port', String(port), '--ws-port', '0', '--http-port', '0',
+    proc = spawn(process.execPath, [...profile, FERRYMQ_CLI, '--config', config, '--port', String(port), '--ws-port', '0', '--http-port', String(httpPort),
       '--durability', durability, '--data-dir', join(dir, 'data'), '--log-level', 'error'], { stdio: ['ignore', 'ignore', 'inherit'] })
   } else if (name.startsWith('mosquitto')) {
     const persist = name === 'mosquitto-persist'
     // Started as root, Mosquitto drops to its own user before it writes the persistence file.
     if (persist) chmodSync(dir, 0o777)
     const config = join(dir, 'mosquitto.conf')
-    writeFileSync(config, [
+    writeFileSync(config, mosquittoLines([
       `listener ${port} 127.0.0.1`,
       'allow_anonymous true',
       `persistence ${persist ? 'true' : 'false'}`,
@@ -145,8 +166,7 @@ function spawnPeer (name: PeerName, port: number, dir: string, options: StartOpt
       'sys_interval 0',
       'log_dest stderr',
       'log_type error',
-      '',
-    ].join('\n'))
+    ], options.mosquittoConfig ?? []).join('\n') + '\n')
     proc = spawn('mosquitto', ['-c', config], { stdio: ['ignore', 'ignore', 'inherit'] })
   } else {
     proc = fork(SINK, [String(port)], { execArgv: ['--import', 'tsx'], stdio: ['ignore', 'ignore', 'inherit', 'ipc'] })
@@ -168,7 +188,8 @@ function ferryDurability (name: PeerName): FerryDurability {
 export async function startPeer (name: PeerName, options: StartOptions = {}): Promise<Peer> {
   const port = await freePort()
   const dir = mkdtempSync(join(tmpdir(), `bench-${name}-`))
-  let proc = spawnPeer(name, port, dir, options, ferryDurability(name))
+  const httpPort = options.metrics === true && name.startsWith('ferrymq') ? await freePort() : 0
+  let proc = spawnPeer(name, port, dir, options, ferryDurability(name), httpPort)
   try {
     await waitForPort(port, proc)
   } catch (err) {
@@ -185,6 +206,7 @@ export async function startPeer (name: PeerName, options: StartOptions = {}): Pr
     cpuSeconds: () => pastCpu + (proc.exitCode === null && proc.signalCode === null ? procCpuSeconds(proc.pid as number) : 0),
     rssBytes: () => procRssBytes(proc.pid as number),
     diskBytes: () => dirBytes(dir),
+    ...(httpPort === 0 ? {} : { httpPort }),
     stop: () => stopProcess(proc, dir)(),
   }
   if (name === 'sink') {
@@ -201,7 +223,7 @@ export async function startPeer (name: PeerName, options: StartOptions = {}): Pr
     // A million queued messages take a while to write out (Mosquitto) or close (LevelDB).
     if (!await terminate(proc, 120_000)) throw new Error(`${name} did not exit within 120 s of SIGTERM`)
     const spawnedAt = performance.now()
-    proc = spawnPeer(name, port, dir, options, restartOptions.durability ?? ferryDurability(name))
+    proc = spawnPeer(name, port, dir, options, restartOptions.durability ?? ferryDurability(name), httpPort)
     return spawnedAt
   }
   return p

@@ -2,7 +2,7 @@ import { execFileSync } from 'node:child_process'
 import { cpus, loadavg, totalmem, release } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { VERSION } from '../src/version.js'
-import { isPersistent, mosquittoVersion, startPeer, type PeerName } from './peers.js'
+import { isPersistent, mosquittoVersion, startPeer, type Peer, type PeerName } from './peers.js'
 import { SCENARIOS, type Metric, type Scenario } from './scenarios.js'
 
 export interface BenchOptions {
@@ -98,7 +98,7 @@ export async function runBench (options: BenchOptions): Promise<BenchResult> {
   const plan: { scenario: Scenario, broker: PeerName, rep: number }[] = []
   for (const scenario of scenarios) {
     const brokers: PeerName[] = [...options.brokers, ...(options.ceiling && scenario.againstSink ? ['sink' as const] : [])]
-      .filter((b) => scenario.persistentOnly !== true || isPersistent(b))
+      .filter((b) => (scenario.persistentOnly !== true || isPersistent(b)) && (scenario.applies?.(b) ?? true))
     for (let rep = 0; rep < options.reps; rep++) {
       for (const broker of rep % 2 === 0 ? brokers : [...brokers].reverse()) plan.push({ scenario, broker, rep })
     }
@@ -108,17 +108,26 @@ export async function runBench (options: BenchOptions): Promise<BenchResult> {
   for (const { scenario, broker, rep } of plan) {
     step++
     const label = `[${step}/${plan.length}] ${scenario.name} · ${broker} · run ${rep + 1}/${options.reps}`
-    const peer = await startPeer(broker, options.profileDir === undefined ? {} : { profileDir: options.profileDir })
+    const scenarioOptions = { quick: options.quick, durationMs: options.durationMs }
+    const around = await scenario.prepare?.(broker, scenarioOptions)
+    let peer: Peer
+    try {
+      peer = await startPeer(broker, { ...(options.profileDir === undefined ? {} : { profileDir: options.profileDir }), ...around?.start })
+    } catch (err) {
+      await around?.close()
+      throw err
+    }
     let metrics: Metric[] = []
     let error: string | null = null
     const cpuBefore = peer.cpuSeconds()
     try {
-      metrics = await scenario.run(peer, { quick: options.quick, durationMs: options.durationMs })
+      metrics = await scenario.run(peer, scenarioOptions)
     } catch (err) {
       error = (err as Error).message
     }
     const cpu = peer.cpuSeconds() - cpuBefore
     await peer.stop()
+    await around?.close()
     options.progress?.(`${label}: ${error === null ? metrics.map((m) => `${m.name} ${format(m.value)} ${m.unit}`).join(', ') : `FAILED: ${error}`}`)
     for (const m of metrics) {
       const key = `${scenario.name}\u0000${m.name}\u0000${broker}`

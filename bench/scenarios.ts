@@ -1,7 +1,8 @@
 import hdr from 'hdr-histogram-js'
 import { PUBACK, messageIdOffset, openSession, publishPacket, type Session } from './wire.js'
+import { BRIDGE_SCENARIOS } from './bridge.js'
 import { openSubscriber, publishAcknowledged, startPublishers, until, type Subscriber } from './load.js'
-import type { Peer } from './peers.js'
+import type { Peer, PeerName, StartOptions } from './peers.js'
 
 /** One number a scenario reports. */
 export interface Metric {
@@ -26,6 +27,16 @@ export interface Scenario {
   againstSink: boolean
   /** Only for brokers that keep queued messages across a restart (ferrymq-os, ferrymq-fsync, mosquitto-persist). */
   persistentOnly?: boolean
+  /** Runs only when named (--scenario or a suite), not in the default set. */
+  onRequest?: boolean
+  /** Brokers it can run on (default: all). */
+  applies? (broker: PeerName): boolean
+  /**
+   * Called before each run's broker is started: whatever the scenario needs around it (an
+   * upstream broker, a link to it) and the extra settings the broker starts with. `close()` runs
+   * after the broker has stopped.
+   */
+  prepare? (broker: PeerName, options: ScenarioOptions): Promise<{ start: StartOptions, close (): Promise<void> }>
   run (peer: Peer, options: ScenarioOptions): Promise<Metric[]>
 }
 
@@ -272,4 +283,4 @@ const startup: Scenario = {
   },
 }
 
-export const SCENARIOS: readonly Scenario[] = [fanIn(0), fanIn(1), fanIn(2), fanOut, latency, connections, backlog, payloadSweep, startup]
+export const SCENARIOS: readonly Scenario[] = [fanIn(0), fanIn(1), fanIn(2), fanOut, latency, connections, backlog, payloadSweep, startup, ...BRIDGE_SCENARIOS]

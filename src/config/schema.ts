@@ -180,8 +180,12 @@ const bridgeSchema = z.strictObject({
     /** Time allowed for the TCP/TLS handshake and CONNACK. */
     connectTimeoutMs: positiveInt('milliseconds', 100, 600_000, 10_000),
   }).refine((r) => r.minDelayMs <= r.maxDelayMs, { error: 'minDelayMs must not exceed maxDelayMs', path: ['minDelayMs'] }).prefault({}),
-  /** Messages sent upstream and not yet acknowledged (PUBACK / PUBCOMP), at most. */
-  maxInflight: positiveInt('a message count', 1, 65_535, 100),
+  /**
+   * Messages sent upstream and not yet acknowledged (PUBACK / PUBCOMP), at most. Large, so a drain
+   * is bound by the link and not by round trips: at 100 ms of round trip, 1000 in flight allow
+   * 10,000 msg/s. A crash re-sends at most this many QoS 1 messages.
+   */
+  maxInflight: positiveInt('a message count', 1, 65_535, 1000),
   /**
    * QoS 2 messages in flight at most (within maxInflight). An MQTT 3.1.1 upstream cannot say how
    * many it takes at once and refuses the excess (Mosquitto: max_inflight_messages, default 20);

@@ -205,7 +205,7 @@ describe('config files', () => {
         '',
       ].join('\n')),
     })
-    expect(config.bridges[0]).toMatchObject({ name: 'cloud', protocolVersion: 5, clean: false, maxInflight: 100, maxInflightQos2: 20, keepaliveSeconds: 60 })
+    expect(config.bridges[0]).toMatchObject({ name: 'cloud', protocolVersion: 5, clean: false, maxInflight: 1000, maxInflightQos2: 20, keepaliveSeconds: 60 })
     // Files named in the config file are found beside it (as for the listeners' tls).
     expect(config.bridges[0]?.tls).toMatchObject({ verify: true, ca: expect.stringMatching(/^\/.*\/ca\.crt$/), key: expect.stringMatching(/^\/.*\/edge\.key$/) })
     expect(config.bridges[1]).toMatchObject({
