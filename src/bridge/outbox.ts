@@ -151,8 +151,11 @@ export class Outbox {
     const ops: StoreOp[] = []
     let dropped = 0
     let droppedBytes = 0
+    // The counters change only in the same synchronous step that submits the batch (below): a
+    // batch submitted by someone else while this one scans must not carry counts of deletes that
+    // are not in it or before it, or a crash in between leaves the counters on disk too low.
     const over = (): 'messages' | 'bytes' | null =>
-      this.#messages + 1 > this.#limits.maxMessages ? 'messages' : this.#bytes + value.length > this.#limits.maxBytes ? 'bytes' : null
+      this.#messages - dropped + 1 > this.#limits.maxMessages ? 'messages' : this.#bytes - droppedBytes + value.length > this.#limits.maxBytes ? 'bytes' : null
     const full = over()
     if (full !== null) {
       if (this.#limits.whenFull === 'reject' || value.length > this.#limits.maxBytes) {
@@ -163,8 +166,6 @@ export class Outbox {
         if (this.#inflight.has(seq) || this.#deleting.has(seq) || hasPacketId(v)) continue
         this.#deleting.add(seq)
         ops.push({ type: 'del', sublevel: this.#entries, key: k })
-        this.#messages--
-        this.#bytes -= v.length
         dropped++
         droppedBytes += v.length
       }
@@ -172,14 +173,12 @@ export class Outbox {
       if (still !== null) {
         // Only messages in flight are left: the new one cannot be kept.
         for (const op of ops) this.#deleting.delete(readU64(op.key))
-        this.#messages += dropped
-        this.#bytes += droppedBytes
         throw new OutboxFullError(this.#name, still, still === 'messages' ? this.#limits.maxMessages : this.#limits.maxBytes)
       }
     }
     ops.push({ type: 'put', sublevel: this.#entries, key: this.#entryKey(seq), value })
-    this.#messages++
-    this.#bytes += value.length
+    this.#messages += 1 - dropped
+    this.#bytes += value.length - droppedBytes
     ops.push(this.#counterOp())
     try {
       await this.#store.writer.write(ops)
@@ -296,8 +295,7 @@ export class Outbox {
   async remove (queued: Queued): Promise<void> {
     if (this.#deleting.has(queued.seq)) return
     this.#deleting.add(queued.seq)
-    this.#messages--
-    this.#bytes -= queued.size
+    // The counters change when the write is submitted (#writeRemovals), not now: see #append.
     // MQTT.js handles one acknowledgement per tick: the removals of one event-loop turn share a
     // write (one delete each and one counter update, not a counter update per entry).
     await new Promise<void>((resolve, reject) => {
@@ -309,6 +307,10 @@ export class Outbox {
     const group = this.#removals
     this.#removals = []
     const ops: StoreOp[] = group.map(({ queued }) => ({ type: 'del', sublevel: this.#entries, key: this.#entryKey(queued.seq) }))
+    for (const { queued } of group) {
+      this.#messages--
+      this.#bytes -= queued.size
+    }
     ops.push(this.#counterOp())
     const settle = (): void => {
       for (const { queued } of group) {
@@ -419,6 +421,7 @@ export class Outbox {
 
   /** The counters as they are now, to write in the same batch as the change that made them so. */
   #counterOp (): StoreOp {
-    return { type: 'put', sublevel: this.#meta, key: this.#counterKey(), value: Buffer.concat([u64(this.#messages), u64(this.#bytes)]) }
+    // Never below 0, whatever happened before (a store from an older build): a count cannot stop the bridge.
+    return { type: 'put', sublevel: this.#meta, key: this.#counterKey(), value: Buffer.concat([u64(Math.max(0, this.#messages)), u64(Math.max(0, this.#bytes))]) }
   }
 }

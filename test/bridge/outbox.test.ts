@@ -152,4 +152,29 @@ describe('bridge Outbox (LevelDB)', () => {
     }
     await store.close()
   })
+
+  it('the counters written with each batch match the entries on disk after that batch (a crash between batches leaves them right)', async () => {
+    const { store, outbox } = await open(tempDir())
+    for (let i = 0; i < 10; i++) await outbox.append(msg(i))
+    const taken = await outbox.take(5)
+    // Removals of this turn are written together later; an append is written before them.
+    const removing = Promise.all(taken.map((q) => outbox.remove(q)))
+    await outbox.append(msg(10))
+    // The state right after the append's batch, before the removals' batch: one snapshot of the
+    // whole database (an iterator reads the snapshot of its creation).
+    const snapshot = store.db.iterator({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const entryPrefix = Buffer.from('!b!')
+    const counterKey = Buffer.concat([Buffer.from('!m!'), Buffer.from('bc\u0000cloud\u0000')])
+    let entries = 0
+    let counted = -1
+    for await (const [k, v] of snapshot) {
+      if (k.subarray(0, entryPrefix.length).equals(entryPrefix)) entries++
+      if (k.equals(counterKey)) counted = Number(v.readBigUInt64BE(0))
+    }
+    expect(counted).toBe(entries)
+    await removing
+    expect(outbox.size.messages).toBe(6)
+    await store.close()
+  })
 })
+
