@@ -122,7 +122,8 @@ function setPath (raw: Raw, o: Override, value: string, origins: Map<string, str
 }
 
 function describeIssue (issue: z.core.$ZodIssue, origins: Map<string, string>, file: string | undefined): string {
-  const path = issue.path.map(String).join('.')
+  // List items as in the bridge checks: bridges[0].topics[2].pattern.
+  const path = issue.path.map((k, i) => (typeof k === 'number' ? `[${k}]` : `${i === 0 ? '' : '.'}${String(k)}`)).join('')
   if (issue.code === 'unrecognized_keys') {
     return issue.keys.map((key) => `${path === '' ? key : `${path}.${key}`}: unknown key${file === undefined ? '' : ` in ${file}`}`).join('\n')
   }

@@ -206,12 +206,19 @@ describe('config files', () => {
   })
 
   it.each([
-    ['a list of bridges', 'bridges:\n  - name: cloud\n    url: mqtts://cloud.example:8883\n'],
-    ['a mapping of bridges', 'bridges:\n  cloud:\n    url: mqtts://cloud.example:8883\n'],
-    ['an empty bridges: key', 'bridges:\n'],
-  ])('a bridges section (%s) is refused as not supported yet', async (_what, text) => {
+    ['a bridge without topics', 'bridges:\n  - name: cloud\n    url: mqtts://cloud.example:8883\n', 'bridges[0].topics (in F): expected a list of topic mappings, got nothing'],
+    ['a mapping of bridges', 'bridges:\n  cloud:\n    url: mqtts://cloud.example:8883\n', 'bridges (in F): expected a list of bridges, got a mapping'],
+    ['a bridge with a bad URL', 'bridges:\n  - { name: cloud, url: "tcp://x:1883", topics: [ { pattern: "#" } ] }\n', 'bridges[0].url (in F): unsupported scheme "tcp:" in "tcp://x:1883": use mqtt://, mqtts://, ws:// or wss://'],
+  ])('a bad bridges section (%s) exits 2 and names the setting', async (_what, text, message) => {
     const f = file('bridges.yaml', text)
-    expect(await refused(['--config', f])).toBe(`ferrymq: bridges (in ${f}): store-and-forward bridges are not available in this release yet; remove the bridges section\n`)
+    expect(await refused(['--config', f])).toBe(`ferrymq: ${message.replace('F', f)}\n`)
+  })
+
+  it('a bridge mapping that is not a valid filter, or a bridge without a disk store, exits 2 at start-up and names the mapping', async () => {
+    const f = file('bridge-pattern.yaml', 'bridges:\n  - { name: cloud, url: "mqtt://127.0.0.1:1", topics: [ { pattern: "a/#" }, { pattern: "a/#/b" } ] }\n')
+    expect(await refused(['--config', f, '--durability', 'memory', '--port', '0', '--ws-port', '0', '--http-port', '0'])).toBe(
+      'ferrymq: bridges[0]: a bridge needs storage.durability fsync or os (its outbox is kept on disk)\n' +
+      'bridges[0].topics[1].pattern: topic filter has # other than as the whole last level ("a/#/b")\n')
   })
 })
 
