@@ -81,6 +81,8 @@ class FerryBroker implements Broker {
   /** Per client, the theoretical arrival time (ms, performance.now()) of its next PUBLISH under limits.maxPublishRate. */
   private readonly arrival = new WeakMap<Client, number>()
   private readonly throttleLogged = new WeakSet<Client>()
+  /** Per client, PUBLISHes held back by limits.maxPublishRate, in arrival order. */
+  private readonly throttled = new WeakMap<Client, Array<{ packet: PublishPacket, done: (err?: Error | null) => void, due: number }>>()
   /** Called when the last journaled message has been published (set while shutting down). */
   private onJournalDrained: (() => void) | null = null
   /** The last count of retained messages (served while the store cannot be read). */
@@ -335,13 +337,34 @@ class FerryBroker implements Broker {
     if (refusing !== undefined) return done(new Error(`PUBLISH refused: bridge ${refusing.name}'s outbox is full (outbox.whenFull: reject)`))
     if (this.connectInfo.get(client)?.bridge === true) this.publishedByBridge.set(packet.payload as Buffer, client)
     const wait = this.publishDelay(client)
-    if (wait > 0) {
-      // Over limits.maxPublishRate: answered later. aedes reads the next packets of this socket
-      // only once these are done, so the client is slowed down without anything being dropped.
-      setTimeout(() => this.afterThrottle(client, packet, done), wait)
+    const held = this.throttled.get(client)
+    if (wait <= 0 && held === undefined) {
+      this.afterThrottle(client, packet, done)
       return
     }
-    this.afterThrottle(client, packet, done)
+    // Over limits.maxPublishRate: answered later, so the client is slowed down without anything
+    // being dropped. Held messages are let go in arrival order: one computed to wait less (the
+    // event loop was busy, time moved on) still waits behind the ones held before it.
+    const item = { packet, done, due: performance.now() + Math.max(0, wait) }
+    if (held !== undefined) {
+      held.push(item)
+      return
+    }
+    const queue = [item]
+    this.throttled.set(client, queue)
+    const release = (): void => {
+      const now = performance.now()
+      while (queue.length > 0 && (queue[0] as typeof item).due <= now + 0.5) {
+        const next = queue.shift() as typeof item
+        this.afterThrottle(client, next.packet, next.done)
+      }
+      if (queue.length === 0) {
+        this.throttled.delete(client)
+        return
+      }
+      setTimeout(release, Math.max(1, Math.ceil((queue[0] as typeof item).due - now)))
+    }
+    setTimeout(release, Math.ceil(wait))
   }
 
   /**
