@@ -1,11 +1,14 @@
+import { execFileSync } from 'node:child_process'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
 import type { MqttClient } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
 import { startBroker, type TestBroker } from '../helpers/broker.js'
 import { connect, endAllClients, eventually } from '../helpers/clients.js'
 import { FaultProxy } from '../helpers/fault-proxy.js'
 import { hasMosquitto, startMosquitto, type Mosquitto } from '../helpers/mosquitto.js'
-import { removeTempDirs } from '../store/helpers.js'
-import { deadPort, FAST, logsMatching, metricUntil, SeqTracker, startEdge, untilArrives } from './fixture.js'
+import { removeTempDirs, tempDir } from '../store/helpers.js'
+import { deadPort, FAST, logsMatching, metric, metricUntil, SeqTracker, startEdge, untilArrives } from './fixture.js'
 
 /*
  * Where the bridge connects (URL failover) and what it must never do with direction: both
@@ -140,6 +143,38 @@ describe.skipIf(!hasMosquitto())('bridge direction both: no echo, no loop (needs
     up = await startMosquitto()
     edge = await startEdge([{ name: 'cloud', url: up.url, ...FAST, topics: [{ pattern: 'shared/#', direction: 'both', qos: 1 }] }])
     await noLoop(edge, up.url)
+  })
+})
+
+describe.skipIf(!hasMosquitto())('bridge to an MQTT 5 upstream (needs the mosquitto binary)', () => {
+  it('FerryMQ ↔ Mosquitto over MQTT 5 on shared/#: No Local keeps each message to one copy per side', async () => {
+    up = await startMosquitto()
+    edge = await startEdge([{ name: 'cloud', url: up.url, protocolVersion: 5, ...FAST, topics: [{ pattern: 'shared/#', direction: 'both', qos: 1 }] }])
+    await noLoop(edge, up.url)
+  })
+
+  it('username and password: the right ones connect and forward; a wrong password is refused, logged and retried', async () => {
+    const passwords = join(tempDir('ferrymq-passwd-'), 'passwd')
+    writeFileSync(passwords, '')
+    execFileSync('mosquitto_passwd', ['-b', passwords, 'edge', 's3cret'])
+    up = await startMosquitto({ extra: ['allow_anonymous false', `password_file ${passwords}`] })
+    const logs: Array<Record<string, unknown>> = []
+    edge = await startEdge([
+      { name: 'good', url: up.url, username: 'edge', password: 's3cret', protocolVersion: 5, ...FAST, topics: [{ pattern: 'telemetry/#', qos: 1 }] },
+      { name: 'bad', url: up.url, username: 'edge', password: 'wrong', ...FAST, topics: [{ pattern: 'telemetry/#', qos: 1 }] },
+    ], { logs })
+    const cloud = await connect(up.url, { username: 'edge', password: 's3cret' })
+    await cloud.subscribeAsync('telemetry/#', { qos: 1 })
+    const tracker = new SeqTracker(cloud, (t) => t === 'telemetry/dev1')
+    await metricUntil(edge, 'ferrymq_bridge_connected', { bridge: 'good' }, (v) => v === 1)
+    const local = await connect(edge.mqttUrl)
+    for (let i = 0; i < 5; i++) await local.publishAsync('telemetry/dev1', String(i), { qos: 1 })
+    await tracker.all(0, 5, 10_000)
+    await eventually(() => logsMatching(logs, 'bad', 'bridge could not connect').length > 0, 10_000, 'the refused bridge to log it')
+    expect(String(logsMatching(logs, 'bad', 'bridge could not connect')[0]?.err)).toMatch(/Not authorized|Bad username or password/)
+    await metricUntil(edge, 'ferrymq_bridge_reconnects_total', { bridge: 'bad' }, (v) => v >= 2)
+    expect(await metric(edge, 'ferrymq_bridge_connected', { bridge: 'bad' })).toBe(0)
+    expect(tracker.duplicates).toBe(0) // the refused bridge sent nothing
   })
 })
 
