@@ -77,6 +77,16 @@ export function checkBridges (bridges: readonly BridgeConfig[], durability: stri
   if (problems.length > 0) throw new ConfigError(problems.join('\n'))
 }
 
+/**
+ * The wait before reconnect attempt round `attempt` (0 after a stable link): exponential back-off
+ * with full jitter, uniform between minMs and min(maxMs, minMs · 2^(attempt + 1)), so edges that
+ * lost the same upstream do not all come back at once.
+ */
+export function backoffDelay (attempt: number, minMs: number, maxMs: number, random: () => number = Math.random): number {
+  const cap = Math.max(minMs, Math.min(maxMs, minMs * 2 ** Math.min(attempt + 1, 30)))
+  return minMs + random() * (cap - minMs)
+}
+
 /** Packet ids for one bridge: in flight on the current connection, plus those stored with QoS 2 entries. */
 class PacketIds {
   /** Ids stored with outbox entries not yet finished (QoS 2): never handed to another message. */
@@ -503,8 +513,7 @@ export class Bridge implements BridgeSources {
   /** Exponential back-off with full jitter between minDelayMs and the capped exponential. */
   #delay (): number {
     const { minDelayMs, maxDelayMs } = this.#config.reconnect
-    const cap = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(this.#attempt, 30))
-    return minDelayMs + Math.random() * (cap - minDelayMs)
+    return backoffDelay(this.#attempt, minDelayMs, maxDelayMs)
   }
 
   #schedule (ms: number): void {
