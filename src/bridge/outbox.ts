@@ -67,6 +67,8 @@ function hasPacketId (value: Buffer): boolean {
 export interface Queued { seq: number, entry: OutboxEntry, size: number }
 
 const COUNTER_PREFIX = str('bc')
+/** How much one nextv() of take() may read: a chunk of 1000 entries of up to ~4 KiB each. */
+const TAKE_HIGH_WATER_BYTES = 4 * 1024 * 1024
 
 export class Outbox {
   readonly #store: Store
@@ -78,8 +80,15 @@ export class Outbox {
   #next = 0
   /** Per running scan, the entries deleted since it began. */
   readonly #scans = new Set<Set<number>>()
-  /** No entry below this sequence is left (take() starts its scan here). */
+  /** No entry below this sequence is left (take() starts its scan here or at #cursor, whichever is higher). */
   #floor = 0
+  /**
+   * Every entry below this sequence is in flight, being deleted or gone: take() starts its scan
+   * here, not at the window's worth of entries in flight at the head. Lowered (#rewind) whenever
+   * an entry becomes available again; `#rewinds` counts that, so a scan does not raise it past one.
+   */
+  #cursor = 0
+  #rewinds = 0
   #messages = 0
   #bytes = 0
   /** Entries handed out by take() and not yet removed or released: never dropped. */
@@ -172,7 +181,10 @@ export class Outbox {
       const still = over()
       if (still !== null) {
         // Only messages in flight are left: the new one cannot be kept.
-        for (const op of ops) this.#deleting.delete(readU64(op.key))
+        for (const op of ops) {
+          this.#deleting.delete(readU64(op.key))
+          this.#rewind(readU64(op.key))
+        }
         throw new OutboxFullError(this.#name, still, still === 'messages' ? this.#limits.maxMessages : this.#limits.maxBytes)
       }
     }
@@ -186,6 +198,7 @@ export class Outbox {
     } catch (err) {
       this.#messages += dropped - 1
       this.#bytes += droppedBytes - value.length
+      for (const op of ops) if (op.type === 'del') this.#rewind(readU64(op.key))
       throw err
     } finally {
       for (const op of ops) if (op.type === 'del') this.#deleting.delete(readU64(op.key))
@@ -204,10 +217,19 @@ export class Outbox {
     // unwritten sequence as of now is where this scan must stop.
     const stop = this.#unwritten.size > 0 ? Math.min(...this.#unwritten) : Infinity
     // Read in chunks (nextv), not an iterator step per entry: the forwarder calls this for every
-    // quarter window, and the entries in flight at the head are read again each time.
+    // quarter window. The scan starts at #cursor, past the entries in flight at the head.
     const gone = new Set<number>()
     this.#scans.add(gone)
-    const it = this.#entries.iterator({ ...prefixRange(this.#prefix), gte: this.#entryKey(this.#floor) })
+    const start = Math.max(this.#floor, this.#cursor)
+    const rewinds = this.#rewinds
+    /** One past the last entry this scan handed out or found in flight, deleting or gone. */
+    let next = start
+    // classic-level ends a nextv() once it holds highWaterMarkBytes (default 16 KiB, ~100 small
+    // entries): each chunk would be ten thread-pool round trips, each waiting for an event-loop
+    // turn, which under publishing load are 10-20 ms each. The mark is set for a whole chunk.
+    // (A classic-level option the sublevel passes on; abstract-level's types do not list it.)
+    const options = { ...prefixRange(this.#prefix), gte: this.#entryKey(start), highWaterMarkBytes: TAKE_HIGH_WATER_BYTES }
+    const it = this.#entries.iterator(options)
     try {
       let first = true
       for (;;) {
@@ -215,12 +237,16 @@ export class Outbox {
         if (chunk.length === 0) break
         for (const [k, v] of chunk) {
           const seq = readU64(k)
-          if (gone.has(seq)) continue
+          if (gone.has(seq)) {
+            next = seq + 1
+            continue
+          }
           // Everything before the first entry still here is gone: later scans start there, not at
-          // the tombstones of a million acknowledged entries.
-          if (first) this.#floor = seq
+          // the tombstones of a million acknowledged entries. (Only known when the scan began at the floor.)
+          if (first && start === this.#floor) this.#floor = seq
           first = false
           if (seq > stop) return out
+          next = seq + 1
           if (this.#inflight.has(seq) || this.#deleting.has(seq)) continue
           this.#inflight.add(seq)
           out.push({ seq, entry: decode<OutboxEntry>(v), size: v.length })
@@ -229,6 +255,8 @@ export class Outbox {
       }
       return out
     } finally {
+      // Nothing below `next` can be handed out now, unless an entry was given back meanwhile.
+      if (this.#rewinds === rewinds) this.#cursor = Math.max(this.#cursor, next)
       this.#scans.delete(gone)
       await it.close()
     }
@@ -327,6 +355,7 @@ export class Outbox {
         this.#messages++
         this.#bytes += queued.size
         this.#floor = Math.min(this.#floor, queued.seq)
+        this.#rewind(queued.seq)
       }
       settle()
       for (const r of group) r.reject(err)
@@ -337,6 +366,13 @@ export class Outbox {
   release (queued: Queued): void {
     this.#inflight.delete(queued.seq)
     this.#floor = Math.min(this.#floor, queued.seq)
+    this.#rewind(queued.seq)
+  }
+
+  /** An entry can be handed out again (given back, or its delete failed): take() must see it. */
+  #rewind (seq: number): void {
+    this.#cursor = Math.min(this.#cursor, seq)
+    this.#rewinds++
   }
 
   /**
@@ -350,7 +386,12 @@ export class Outbox {
     const maxAge = this.#limits.maxAgeSeconds * 1000
     let removed = 0
     let bytes = 0
+    let first = true
     for await (const [k, v, seq] of this.#scan(this.#entryKey(this.#floor))) {
+      // As in take(): the first entry still here is the floor (take() starts at #cursor, so it
+      // learns the floor only after a rewind; this sweep keeps it from trailing far behind).
+      if (first) this.#floor = seq
+      first = false
       const entry = decode<OutboxEntry>(v)
       if (maxAge > 0 && now - entry.enqueuedAt < maxAge) break
       if (this.#inflight.has(seq) || this.#deleting.has(seq) || entry.packetId !== undefined) continue
@@ -370,6 +411,7 @@ export class Outbox {
     } catch (err) {
       this.#messages += removed
       this.#bytes += bytes
+      for (const op of ops) if (op.type === 'del') this.#rewind(readU64(op.key))
       throw err
     } finally {
       for (const op of ops) if (op.type === 'del') this.#deleting.delete(readU64(op.key))

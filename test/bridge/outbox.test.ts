@@ -153,6 +153,22 @@ describe('bridge Outbox (LevelDB)', () => {
     await store.close()
   })
 
+  it('take() starts past the entries in flight, and an entry given back while a take() scans is handed out by the next one', async () => {
+    const { store, outbox } = await open(tempDir(), { maxMessages: 100_000 })
+    for (let i = 0; i < 300; i++) await outbox.append(msg(i))
+    const first = await outbox.take(100)
+    // Given back while the next take() scans (past it): that scan must not move its start beyond it.
+    const scanning = outbox.take(100)
+    outbox.release(first[5] as Queued)
+    expect(payloads(await scanning)).toEqual(Array.from({ length: 100 }, (_v, i) => String(100 + i)))
+    expect(payloads(await outbox.take(2))).toEqual(['5', '200'])
+    // Given back after the scans: found again, in order, before anything newer.
+    outbox.release(first[1] as Queued)
+    outbox.release(first[0] as Queued)
+    expect(payloads(await outbox.take(3))).toEqual(['0', '1', '201'])
+    await store.close()
+  })
+
   it('the counters written with each batch match the entries on disk after that batch (a crash between batches leaves them right)', async () => {
     const { store, outbox } = await open(tempDir())
     for (let i = 0; i < 10; i++) await outbox.append(msg(i))
