@@ -1,11 +1,10 @@
 import type { MqttClient } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
 import type { TestBroker } from '../helpers/broker.js'
-import { connect, endAllClients, withTimeout } from '../helpers/clients.js'
+import { connect, withTimeout } from '../helpers/clients.js'
 import { FaultProxy } from '../helpers/fault-proxy.js'
 import { hasMosquitto, startMosquitto, type Mosquitto } from '../helpers/mosquitto.js'
-import { removeTempDirs } from '../store/helpers.js'
-import { FAST, logsMatching, metric, metricUntil, SeqTracker, startEdge } from './fixture.js'
+import { closeStarted, FAST, logsMatching, metric, metricUntil, SeqTracker, startEdge } from './fixture.js'
 
 /*
  * The outbox's limits during a partition, against a real Mosquitto behind a fault proxy:
@@ -16,14 +15,10 @@ let up: Mosquitto | null = null
 let edge: TestBroker | null = null
 let proxy: FaultProxy | null = null
 afterEach(async () => {
-  await endAllClients()
-  await edge?.close()
-  await proxy?.close()
-  await up?.close()
+  await closeStarted({ edge, proxies: [proxy], up })
   edge = null
   proxy = null
   up = null
-  removeTempDirs()
 })
 
 const B = { bridge: 'cloud' }

@@ -1,11 +1,10 @@
 import type { MqttClient } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
 import type { TestBroker } from '../helpers/broker.js'
-import { collect, connect, endAllClients, eventually } from '../helpers/clients.js'
+import { collect, connect, eventually } from '../helpers/clients.js'
 import { FaultProxy, type CutMode } from '../helpers/fault-proxy.js'
 import { hasMosquitto, startMosquitto, type Mosquitto } from '../helpers/mosquitto.js'
-import { removeTempDirs } from '../store/helpers.js'
-import { FAST, metric, metricUntil, outOfOrder, SeqTracker, startEdge, untilArrives } from './fixture.js'
+import { closeStarted, FAST, metric, metricUntil, outOfOrder, SeqTracker, startEdge, untilArrives } from './fixture.js'
 
 /*
  * Store-and-forward across a partition: a real FerryMQ edge bridges to a real Mosquitto through a
@@ -18,15 +17,13 @@ let up: Mosquitto | null = null
 let edge: TestBroker | null = null
 let proxy: FaultProxy | null = null
 afterEach(async () => {
-  await endAllClients()
-  await edge?.close()
-  await proxy?.close()
-  await up?.close()
+  await closeStarted({ edge, proxies: [proxy], up })
   edge = null
   proxy = null
   up = null
-  removeTempDirs()
 })
+
+const B = { bridge: 'cloud' }
 
 const rand = (min: number, max: number): number => min + Math.floor(Math.random() * (max - min))
 
@@ -164,43 +161,37 @@ describe.skipIf(!hasMosquitto())('bridge QoS 2 window vs Mosquitto max_inflight_
   // every reconnect. The bridge keeps at most maxInflightQos2 (default 20) QoS 2 messages in flight
   // (and, on MQTT 5, no more than the upstream's Receive Maximum); with the old single window of
   // maxInflight (100) this backlog never drained.
-  it('QoS 2 mapping with the default window drains a backlog of 300 into a default Mosquitto, in order', async () => {
-    up = await startMosquitto()
+  /**
+   * 300 QoS 2 messages queued at the edge during a cut, then the link returns: every one must reach
+   * a default Mosquitto, in order, and the link must stay up through the drain (Mosquitto refused
+   * nothing). `bridge` adds settings to the bridge.
+   */
+  async function drainQos2Backlog (bridge: Record<string, unknown>): Promise<void> {
+    up = await startMosquitto() // max_inflight_messages 20; announced as Receive Maximum on MQTT 5
     proxy = await FaultProxy.start({ port: up.port })
-    edge = await startEdge([{ name: 'cloud', url: `mqtt://127.0.0.1:${proxy.port}`, ...FAST, topics: [{ pattern: 'telemetry/#', qos: 2 }] }])
+    edge = await startEdge([{ name: 'cloud', url: `mqtt://127.0.0.1:${proxy.port}`, ...bridge, ...FAST, topics: [{ pattern: 'telemetry/#', qos: 2 }] }])
     const cloud = await connect(up.url, { clientId: 'cloud-sub' })
     await cloud.subscribeAsync('telemetry/#', { qos: 2 })
     const tracker = new SeqTracker(cloud, (t) => t === 'telemetry/dev1')
-    await metricUntil(edge, 'ferrymq_bridge_connected', { bridge: 'cloud' }, (v) => v === 1)
+    await metricUntil(edge, 'ferrymq_bridge_connected', B, (v) => v === 1)
     proxy.cut('reset')
-    await metricUntil(edge, 'ferrymq_bridge_connected', { bridge: 'cloud' }, (v) => v === 0)
+    await metricUntil(edge, 'ferrymq_bridge_connected', B, (v) => v === 0)
     const local = await connect(edge.mqttUrl)
     await publishUnderLoad(local, 2, 0, 300, [], () => {})
-    await metricUntil(edge, 'ferrymq_bridge_outbox_messages', { bridge: 'cloud' }, (v) => v === 300, 5000)
+    await metricUntil(edge, 'ferrymq_bridge_outbox_messages', B, (v) => v === 300, 5000)
     proxy.restore()
+    await metricUntil(edge, 'ferrymq_bridge_connected', B, (v) => v === 1)
+    const reconnects = await metric(edge, 'ferrymq_bridge_reconnects_total', B)
     await tracker.all(0, 300, 5000)
     expect(tracker.arrivals).toEqual(Array.from({ length: 300 }, (_, i) => i))
+    expect(await metric(edge, 'ferrymq_bridge_reconnects_total', B)).toBe(reconnects)
+  }
+
+  it('QoS 2 mapping with the default window drains a backlog of 300 into a default Mosquitto, in order', async () => {
+    await drainQos2Backlog({})
   }, 20_000)
 
   it('over MQTT 5 the upstream\'s Receive Maximum bounds the window, whatever maxInflight and maxInflightQos2 say', async () => {
-    up = await startMosquitto() // announces Receive Maximum 20 (its max_inflight_messages)
-    proxy = await FaultProxy.start({ port: up.port })
-    edge = await startEdge([{ name: 'cloud', url: `mqtt://127.0.0.1:${proxy.port}`, protocolVersion: 5, maxInflight: 1000, maxInflightQos2: 1000, ...FAST, topics: [{ pattern: 'telemetry/#', qos: 2 }] }])
-    const cloud = await connect(up.url, { clientId: 'cloud-sub' })
-    await cloud.subscribeAsync('telemetry/#', { qos: 2 })
-    const tracker = new SeqTracker(cloud, (t) => t === 'telemetry/dev1')
-    await metricUntil(edge, 'ferrymq_bridge_connected', { bridge: 'cloud' }, (v) => v === 1)
-    proxy.cut('reset')
-    await metricUntil(edge, 'ferrymq_bridge_connected', { bridge: 'cloud' }, (v) => v === 0)
-    const local = await connect(edge.mqttUrl)
-    await publishUnderLoad(local, 2, 0, 300, [], () => {})
-    await metricUntil(edge, 'ferrymq_bridge_outbox_messages', { bridge: 'cloud' }, (v) => v === 300, 5000)
-    proxy.restore()
-    await metricUntil(edge, 'ferrymq_bridge_connected', { bridge: 'cloud' }, (v) => v === 1)
-    const reconnects = await metric(edge, 'ferrymq_bridge_reconnects_total', { bridge: 'cloud' })
-    await tracker.all(0, 300, 5000)
-    expect(tracker.arrivals).toEqual(Array.from({ length: 300 }, (_, i) => i))
-    // Mosquitto never had to refuse anything: the link stayed up through the drain.
-    expect(await metric(edge, 'ferrymq_bridge_reconnects_total', { bridge: 'cloud' })).toBe(reconnects)
+    await drainQos2Backlog({ protocolVersion: 5, maxInflight: 1000, maxInflightQos2: 1000 })
   }, 20_000)
 })

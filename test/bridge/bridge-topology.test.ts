@@ -4,11 +4,11 @@ import { join } from 'node:path'
 import type { MqttClient } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
 import { startBroker, type TestBroker } from '../helpers/broker.js'
-import { connect, endAllClients, eventually } from '../helpers/clients.js'
+import { connect, eventually } from '../helpers/clients.js'
 import { FaultProxy } from '../helpers/fault-proxy.js'
 import { hasMosquitto, startMosquitto, type Mosquitto } from '../helpers/mosquitto.js'
-import { removeTempDirs, tempDir } from '../store/helpers.js'
-import { deadPort, FAST, logsMatching, metric, metricUntil, SeqTracker, startEdge, untilArrives } from './fixture.js'
+import { tempDir } from '../store/helpers.js'
+import { closeStarted, deadPort, FAST, logsMatching, metric, metricUntil, SeqTracker, startEdge, untilArrives } from './fixture.js'
 
 /*
  * Where the bridge connects (URL failover) and what it must never do with direction: both
@@ -21,15 +21,10 @@ let upstream: TestBroker | null = null
 let edge: TestBroker | null = null
 const proxies: FaultProxy[] = []
 afterEach(async () => {
-  await endAllClients()
-  await edge?.close()
-  await upstream?.close()
-  for (const p of proxies.splice(0)) await p.close()
-  await up?.close()
+  await closeStarted({ edge, upstream, proxies: proxies.splice(0), up })
   edge = null
   upstream = null
   up = null
-  removeTempDirs()
 })
 
 const B = { bridge: 'cloud' }

@@ -1,8 +1,10 @@
 import { createServer } from 'node:net'
 import type { MqttClient } from 'mqtt'
 import { startBroker, type StartOptions, type TestBroker } from '../helpers/broker.js'
-import { eventually, withTimeout } from '../helpers/clients.js'
-import { tempDir } from '../store/helpers.js'
+import { endAllClients, eventually, withTimeout } from '../helpers/clients.js'
+import type { FaultProxy } from '../helpers/fault-proxy.js'
+import type { Mosquitto } from '../helpers/mosquitto.js'
+import { removeTempDirs, tempDir } from '../store/helpers.js'
 
 /*
  * Shared pieces of the bridge integration tests: an edge FerryMQ with bridges and fsync storage,
@@ -127,4 +129,22 @@ export async function untilArrives (client: MqttClient, topic: string, probe: ()
   } finally {
     client.off('message', onMessage)
   }
+}
+
+/** What a bridge test started, for closeStarted(). */
+export interface Started {
+  edge?: TestBroker | null
+  upstream?: TestBroker | null
+  proxies?: ReadonlyArray<FaultProxy | null>
+  up?: Mosquitto | null
+}
+
+/** afterEach: ends every client, then closes the edge, the upstream FerryMQ, the proxies and Mosquitto, in that order. */
+export async function closeStarted (started: Started): Promise<void> {
+  await endAllClients()
+  await started.edge?.close()
+  await started.upstream?.close()
+  for (const p of started.proxies ?? []) await p?.close()
+  await started.up?.close()
+  removeTempDirs()
 }
