@@ -37,6 +37,23 @@ export interface BridgeHost {
   sys (topic: string, payload: string): void
 }
 
+/** What GET /api/v1/bridges reports per bridge. */
+export interface BridgeStatus {
+  name: string
+  connected: boolean
+  /** The upstream URL of the current link, or null while down. */
+  url: string | null
+  protocolVersion: 4 | 5
+  outbox: { messages: number, bytes: number, oldestAgeSeconds: number }
+  /** Messages sent on the current link and not yet acknowledged. */
+  inflight: number
+  forwarded: { out: number, in: number }
+  /** Drops by reason (outbox_full, upstream_refused). */
+  dropped: Record<string, number>
+  expired: number
+  reconnects: number
+}
+
 /** A message the local broker handles, as the bridge sees it. */
 export interface LocalMessage {
   topic: string
@@ -280,22 +297,47 @@ export class Bridge implements BridgeSources {
 
   /** Publishes this bridge's figures under $SYS/ferrymq/bridges/<name>/. */
   async publishSys (): Promise<void> {
-    const m = this.#host.metrics
-    const value = async (metric: { get (): Promise<{ values: Array<{ value: number, labels: Record<string, string | number> }> }> }, labels: Record<string, string> = {}): Promise<number> =>
-      (await metric.get()).values.filter((v) => v.labels.bridge === this.name && Object.entries(labels).every(([k, l]) => v.labels[k] === l)).reduce((s, v) => s + v.value, 0)
+    const st = await this.status()
     const base = `$SYS/ferrymq/bridges/${this.name}`
     const stats: Array<[string, number]> = [
-      ['connected', this.connected() ? 1 : 0],
-      ['outbox/messages', this.#outbox.size.messages],
-      ['outbox/bytes', this.#outbox.size.bytes],
-      ['outbox/oldestAgeSeconds', Math.floor(await this.oldestAgeMs() / 1000)],
-      ['forwarded/out', await value(m.bridgeForwarded, { direction: 'out' })],
-      ['forwarded/in', await value(m.bridgeForwarded, { direction: 'in' })],
-      ['dropped', await value(m.bridgeDropped)],
-      ['expired', await value(m.bridgeExpired)],
-      ['reconnects', await value(m.bridgeReconnects)],
+      ['connected', st.connected ? 1 : 0],
+      ['outbox/messages', st.outbox.messages],
+      ['outbox/bytes', st.outbox.bytes],
+      ['outbox/oldestAgeSeconds', st.outbox.oldestAgeSeconds],
+      ['forwarded/out', st.forwarded.out],
+      ['forwarded/in', st.forwarded.in],
+      ['dropped', Object.values(st.dropped).reduce((sum, n) => sum + n, 0)],
+      ['expired', st.expired],
+      ['reconnects', st.reconnects],
     ]
     for (const [topic, n] of stats) this.#host.sys(`${base}/${topic}`, String(n))
+  }
+
+  /** The bridge's state and counters (the admin API's GET /api/v1/bridges, and $SYS). */
+  async status (): Promise<BridgeStatus> {
+    const m = this.#host.metrics
+    const values = async (metric: { get (): Promise<{ values: Array<{ value: number, labels: Record<string, string | number | undefined> }> }> }): Promise<Array<{ value: number, labels: Record<string, string | number | undefined> }>> =>
+      (await metric.get()).values.filter((v) => v.labels.bridge === this.name)
+    const sum = (list: Array<{ value: number }>): number => list.reduce((s, v) => s + v.value, 0)
+    const forwarded = await values(m.bridgeForwarded)
+    const dropped: Record<string, number> = {}
+    for (const v of await values(m.bridgeDropped)) dropped[String(v.labels.reason)] = v.value
+    const link = this.#link
+    return {
+      name: this.name,
+      connected: this.connected(),
+      url: link?.up === true ? link.url : null,
+      protocolVersion: this.#config.protocolVersion,
+      outbox: { ...this.#outbox.size, oldestAgeSeconds: Math.floor(await this.oldestAgeMs() / 1000) },
+      inflight: link?.up === true ? link.window.size + link.qos0.size : 0,
+      forwarded: {
+        out: sum(forwarded.filter((v) => v.labels.direction === 'out')),
+        in: sum(forwarded.filter((v) => v.labels.direction === 'in')),
+      },
+      dropped,
+      expired: sum(await values(m.bridgeExpired)),
+      reconnects: sum(await values(m.bridgeReconnects)),
+    }
   }
 
   // ---- outbound: local messages into the outbox ----

@@ -242,6 +242,7 @@ class FerryBroker implements Broker {
         live: () => this.closing === null,
         ready: () => this.ready && (this.store?.available ?? true),
         registry: this.metrics.registry,
+        bridges: async () => await Promise.all(this.bridges.map((b) => b.status())),
       }, this.logger))
     }
   }

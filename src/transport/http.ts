@@ -9,9 +9,11 @@ export interface HttpEndpoints {
   /** True once every listener and the store are up, until shutdown starts. */
   ready (): boolean
   registry: Registry
+  /** GET /api/v1/bridges: each bridge's state and counters. */
+  bridges?: () => Promise<unknown[]>
 }
 
-/** The operations endpoints: GET /healthz, /readyz and /metrics (Prometheus text format). */
+/** The operations endpoints: GET /healthz, /readyz, /metrics (Prometheus text format) and /api/v1/bridges (JSON). */
 export async function listenHttp (name: string, host: string, port: number, endpoints: HttpEndpoints, logger: Logger): Promise<Listener> {
   const server = createServer((req, res) => {
     handle(req, res, endpoints).catch((err: Error) => {
@@ -51,8 +53,14 @@ async function handle (req: IncomingMessage, res: ServerResponse, endpoints: Htt
       res.end(body)
       return
     }
+    case '/api/v1/bridges': {
+      const body = JSON.stringify(await (endpoints.bridges?.() ?? Promise.resolve([])), null, 2) + '\n'
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end(body)
+      return
+    }
     default:
-      return text(res, 404, 'not found: try /healthz, /readyz or /metrics\n')
+      return text(res, 404, 'not found: try /healthz, /readyz, /metrics or /api/v1/bridges\n')
   }
 }
 

@@ -43,6 +43,22 @@ describe.skipIf(!hasMosquitto())('bridge URL failover (needs the mosquitto binar
     const local = await connect(edge.mqttUrl)
     for (let i = 0; i < 5; i++) await local.publishAsync('telemetry/dev1', String(i), { qos: 1 })
     await tracker.all(0, 5, 10_000)
+    // The admin API names the URL in use and the counters.
+    await metricUntil(edge, 'ferrymq_bridge_outbox_messages', B, (v) => v === 0)
+    const res = await fetch(`${edge.httpUrl}/api/v1/bridges`)
+    expect(res.headers.get('content-type')).toBe('application/json')
+    expect(await res.json()).toEqual([{
+      name: 'cloud',
+      connected: true,
+      url: up.url,
+      protocolVersion: 4,
+      outbox: { messages: 0, bytes: 0, oldestAgeSeconds: 0 },
+      inflight: 0,
+      forwarded: { out: 5, in: 0 },
+      dropped: {},
+      expired: 0,
+      reconnects: 1,
+    }])
   })
 
   it('goes back to the first URL when it is reachable again and the current link drops', async () => {

@@ -87,11 +87,20 @@ describe('health and readiness', () => {
   })
 })
 
+describe('/api/v1/bridges', () => {
+  it('is an empty JSON list without bridges (see test/bridge for a bridge\'s entry)', async () => {
+    const res = await fetch(`${b.httpUrl}/api/v1/bridges`)
+    expect(res.status).toBe(200)
+    expect(res.headers.get('content-type')).toBe('application/json')
+    expect(await res.json()).toEqual([])
+  })
+})
+
 describe('errors', () => {
   it('an unknown path is 404 and names the endpoints', async () => {
     const res = await fetch(`${b.httpUrl}/nope`)
     expect(res.status).toBe(404)
-    expect(await res.text()).toMatch(/\/healthz.*\/readyz.*\/metrics/)
+    expect(await res.text()).toMatch(/\/healthz.*\/readyz.*\/metrics.*\/api\/v1\/bridges/)
     expect((await fetch(`${b.httpUrl}/`)).status).toBe(404)
     expect((await fetch(`${b.httpUrl}/metrics/extra`)).status).toBe(404)
   })
