@@ -3,6 +3,7 @@ import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { Aedes, type AedesPublishPacket, type Client, type ConnectPacket, type PublishPacket } from 'aedes'
 import { WebSocket } from 'ws'
+import { createRequire } from 'node:module'
 import type { Config, ListenerName } from '../config/schema.js'
 import { createLogger, type Logger } from '../observability/logger.js'
 import { Metrics } from '../observability/metrics.js'
@@ -22,6 +23,8 @@ import { listenWs } from '../transport/ws.js'
 import { VERSION } from '../version.js'
 import { Bridge, checkBridges, type LocalMessage } from '../bridge/bridge.js'
 import { clientIdProblem, topicFilterProblem, topicMatches, topicNameProblem } from './validate.js'
+import { SessionKeeper } from './sessions.js'
+import { guardPersistence, RECEIVE_MAXIMUM_EXCEEDED, type GuardedPersistence, type InboundQos2Counts } from './guards.js'
 
 /** A running FerryMQ: listeners, the aedes core and its observability, with one owner for all. */
 export interface Broker {
@@ -49,9 +52,14 @@ export interface BrokerOptions {
 }
 
 /** What CONNECT carried, kept from preConnect for the checks in authenticate (which can send a CONNACK code). */
-interface ConnectInfo { clientId: string, clean: boolean, version: number, bridge: boolean }
+interface ConnectInfo { clientId: string, clean: boolean, version: number, bridge: boolean, willDelay: number }
 
+/** aedes' own in-memory persistence (durability: memory), the one aedes would create itself. */
+const memoryPersistence = createRequire(import.meta.url)('aedes-persistence') as () => object
 const IDENTIFIER_REJECTED = 2
+const SERVER_UNAVAILABLE = 3
+/** What a "__proto__" filter in a multi-filter SUBSCRIBE becomes before aedes sees it (see guardClient); never a valid filter (U+0000). */
+const PROTO_FILTER = '\u0000__proto__'
 /** The journal key of an inbound QoS 1 PUBLISH, set in authorizePublish, read in published (same packet object). */
 const JOURNAL_KEY = Symbol('ferrymq.journalKey')
 /** How long shutdown waits for acknowledged QoS 1 messages to finish storing (the CLI allows 5 s in all). */
@@ -90,6 +98,13 @@ class FerryBroker implements Broker {
   private readonly listeners = new Map<ListenerName, Listener>()
   private readonly connections = new Set<Duplex>()
   private readonly connectInfo = new WeakMap<Client, ConnectInfo>()
+  /**
+   * Subscriptions authorizeSubscribe refused. aedes stores a SUBSCRIBE's whole filter list once one
+   * of them is granted, refused ones included; the persistence is told to leave these out.
+   */
+  private readonly refusedSubs = new WeakSet<object>()
+  /** Inbound QoS 2 packet ids awaiting PUBREL, per client (limits.maxInflightInbound). */
+  private inboundQos2: InboundQos2Counts | null = null
   private readonly meters = new WeakMap<object, MeteredConnection>()
   /** Clients already logged as slow since they connected, so a flood of drops logs once. */
   private readonly slowLogged = new WeakSet<object>()
@@ -99,7 +114,7 @@ class FerryBroker implements Broker {
   private started = false
   private closing: Promise<void> | null = null
   private atConnectionLimit = false
-  private expiryTimer: NodeJS.Timeout | null = null
+  private sessions: SessionKeeper | null = null
   ready = false
 
   constructor (readonly config: Config, private readonly options: BrokerOptions) {
@@ -125,8 +140,21 @@ class FerryBroker implements Broker {
   private createAedes (persistence: LevelPersistence | null): Aedes {
     const { config } = this
     const limits = config.limits
+    // aedes' in-memory persistence when the store is off; created here so guardPersistence can wrap it.
+    const store = persistence ?? memoryPersistence()
+    this.inboundQos2 = guardPersistence(store as unknown as GuardedPersistence, {
+      maxInflightInbound: limits.maxInflightInbound,
+      refused: (sub) => this.refusedSubs.has(sub) || (sub as { topic?: unknown }).topic === '__proto__',
+      overLimit: async (client, err) => {
+        this.metrics.protocolErrors.inc({ reason: 'inflight_inbound' })
+        this.logger.info({ clientId: client.id, err: err.message }, 'client closed: too many QoS 2 messages awaiting PUBREL')
+        // MQTT 5: DISCONNECT "Receive Maximum exceeded"; 3.1.1 has no way to say why.
+        const c = client as unknown as Client
+        if (c.version === 5) await new Promise<void>((resolve) => c.disconnect({ reasonCode: RECEIVE_MAXIMUM_EXCEEDED }, () => resolve()))
+      },
+    })
     const aedes = new Aedes({
-      ...(persistence === null ? {} : { persistence }),
+      persistence: store as unknown as NonNullable<ConstructorParameters<typeof Aedes>[0]>['persistence'],
       heartbeatInterval: config.sys.heartbeatSeconds * 1000,
       connectTimeout: limits.connectTimeoutMs,
       drainTimeout: limits.drainTimeoutMs,
@@ -136,8 +164,14 @@ class FerryBroker implements Broker {
       // and overflows the stack ("Maximum call stack size exceeded"). See bad-input.test.ts.
       concurrency: 0,
       maxTopicLevels: limits.maxTopicLevels,
-      maxInflightInbound: limits.maxInflightInbound,
       maxClientsIdLength: 23, // MQTT 3.1's own limit; 3.1.1 is checked in authenticate
+      // MQTT 5: what CONNACK advertises. aedes enforces the alias range, the keepalive limit and the
+      // session expiry clamp; FerryMQ enforces the packet size (packet meter) and Receive Maximum.
+      topicAliasMaximum: limits.maxTopicAlias,
+      maximumPacketSize: limits.maxPacketSize,
+      receiveMaximum: limits.maxInflightInbound,
+      keepaliveLimit: limits.maxKeepaliveSeconds,
+      sessionExpiryIntervalLimit: limits.sessionExpirySeconds,
       preConnect: (client, packet, done) => this.preConnect(client, packet, done),
       authenticate: (client, _username, _password, done) => this.authenticate(client, done),
       authorizePublish: (client, packet, done) => this.authorizePublish(client, packet, done),
@@ -145,6 +179,11 @@ class FerryBroker implements Broker {
       authorizeSubscribe: (client, sub, done) => this.authorizeSubscribe(client, sub, done),
       authorizeForward: (client, packet) => this.authorizeForward(client, packet),
     })
+    // GHSA-52qw-whmv-87c5 (fixed in aedes 1.2.0, open in 2.0.0-beta.1): maps keyed by client ids
+    // are plain objects, so a client id such as "constructor" looked taken and the CONNECT threw.
+    const maps = aedes as unknown as { clients: object, brokers: object }
+    maps.clients = Object.create(null) as object
+    maps.brokers = Object.create(null) as object
     this.watchClients(aedes)
     return aedes
   }
@@ -183,8 +222,23 @@ class FerryBroker implements Broker {
     try {
       await this.aedes.listen()
       if (this.persistence !== null) {
+        for await (const { clientId, messageId } of this.persistence.incomingIds()) this.inboundQos2?.reserve(clientId, messageId, Number.MAX_SAFE_INTEGER)
         await this.replayJournal(this.aedes, this.persistence)
-        await this.startSessionExpiry(this.aedes, this.persistence)
+        this.sessions = new SessionKeeper(this.aedes, this.persistence, {
+          limitSeconds: config.limits.sessionExpirySeconds,
+          logger,
+          metrics: this.metrics,
+          closing: () => this.closing !== null,
+          willDelay: (client) => this.connectInfo.get(client)?.willDelay ?? 0,
+          cleanStart: (client) => this.connectInfo.get(client)?.clean ?? true,
+          cleanIncoming: (client) => this.cleanIncoming(client),
+        })
+        await this.sessions.start()
+      } else {
+        // GHSA-p8r9-qf8w-p73r: a session that ends at disconnect leaves no inbound QoS 2 state.
+        this.aedes.on('clientDisconnect', (client) => {
+          if (client.clean) this.cleanIncoming(client).catch(() => {})
+        })
       }
       await this.openListeners(tls)
       for (const b of this.bridges) b.start()
@@ -208,7 +262,7 @@ class FerryBroker implements Broker {
   private async shutdown (): Promise<void> {
     this.ready = false
     this.sys.stop()
-    if (this.expiryTimer !== null) clearInterval(this.expiryTimer)
+    this.sessions?.stop()
     // Stop accepting first, then close the clients aedes knows, then any socket that never sent
     // CONNECT; the store closes last, once its writer has finished what is queued.
     const listenersClosed = Promise.all([...this.listeners.values()].map((l) => l.close()))
@@ -290,7 +344,25 @@ class FerryBroker implements Broker {
       })
     }
     this.meters.set(conn, meter)
-    ;(this.aedes as Aedes).handle(conn, req)
+    const client = (this.aedes as Aedes).handle(conn, req)
+    this.guardClient(client)
+  }
+
+  /**
+   * Closes, for one connection, what aedes 2.0.0-beta.1 left open of GHSA-52qw-whmv-87c5 (fixed in
+   * 1.2.0): maps keyed by topic filters become null-prototype objects, and a SUBSCRIBE that lists
+   * the filter "__proto__" among others has it replaced before aedes' own dedupe, which keys a
+   * plain object by filter and would build garbage subscriptions and throw (a process crash).
+   * The replaced filter is then refused in authorizeSubscribe.
+   */
+  private guardClient (client: Client): void {
+    const raw = client as unknown as { subscriptions: object, duplicates: object, _parser: NodeJS.EventEmitter }
+    raw.subscriptions = Object.create(null) as object
+    raw.duplicates = Object.create(null) as object
+    raw._parser.prependListener('packet', (packet: { cmd: string, subscriptions?: Array<{ topic: string }> }) => {
+      if (packet.cmd !== 'subscribe' || packet.subscriptions === undefined || packet.subscriptions.length < 2) return
+      for (const sub of packet.subscriptions) if (sub.topic === '__proto__') sub.topic = PROTO_FILTER
+    })
   }
 
   private preConnect (client: Client, packet: ConnectPacket, done: (err: Error | null, ok: boolean) => void): void {
@@ -302,7 +374,8 @@ class FerryBroker implements Broker {
         return
       }
     }
-    this.connectInfo.set(client, { clientId: packet.clientId, clean: packet.clean ?? true, version: packet.protocolVersion ?? 4, bridge: (packet as { bridgeMode?: boolean }).bridgeMode === true })
+    const willDelay = (packet.will as { properties?: { willDelayInterval?: number } } | undefined | null)?.properties?.willDelayInterval ?? 0
+    this.connectInfo.set(client, { clientId: packet.clientId, clean: packet.clean ?? true, version: packet.protocolVersion ?? 4, bridge: (packet as { bridgeMode?: boolean }).bridgeMode === true, willDelay })
     done(null, true)
   }
 
@@ -311,15 +384,31 @@ class FerryBroker implements Broker {
     if (info !== undefined) {
       const problem = info.version === 3
         ? (info.clientId.length === 0 ? 'MQTT 3.1 needs a client identifier of 1 to 23 characters' : null)
-        : clientIdProblem(info.clientId, info.clean, this.config.limits.maxClientIdLength)
+        // MQTT 5 lets an empty identifier come with Clean Start 0 too: the broker assigns one.
+        : clientIdProblem(info.clientId, info.clean || info.version === 5, this.config.limits.maxClientIdLength)
       if (problem !== null) {
         this.metrics.protocolErrors.inc({ reason: 'identifier_rejected' })
         this.logger.info({ clientId: info.clientId.slice(0, 64), reason: problem }, 'CONNECT refused: identifier rejected')
         done(Object.assign(new Error(problem), { returnCode: IDENTIFIER_REJECTED }), false)
         return
       }
+      if (info.clean) {
+        // GHSA-p8r9-qf8w-p73r (aedes 1.2.0 does this itself, 2.0.0-beta.1 does not): a clean start
+        // forgets the old session's inbound QoS 2 state, or a new message reusing one of its packet
+        // ids would be taken for a re-send and lost.
+        this.cleanIncoming(client).then(() => done(null, true), (err: Error) => {
+          this.logger.warn({ clientId: client.id, err: err.message }, 'CONNECT refused: the old session\'s QoS 2 state could not be cleared')
+          done(Object.assign(new Error(`store write failed: ${err.message}`), { returnCode: SERVER_UNAVAILABLE }), false)
+        })
+        return
+      }
     }
     done(null, true)
+  }
+
+  private async cleanIncoming (client: Client): Promise<void> {
+    const persistence = (this.aedes as unknown as { persistence: Required<GuardedPersistence> } | null)?.persistence
+    await persistence?.cleanIncoming(client as unknown as { id: string })
   }
 
   private authorizePublish (client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void {
@@ -463,38 +552,6 @@ class FerryBroker implements Broker {
     done(null)
   }
 
-  /**
-   * Ends persistent sessions whose client has been away for limits.sessionExpirySeconds: now (for
-   * what expired while the broker was down), then on a timer. aedes keeps sessions forever.
-   */
-  private async startSessionExpiry (aedes: Aedes, persistence: LevelPersistence): Promise<void> {
-    const seconds = this.config.limits.sessionExpirySeconds
-    const clients = (aedes as unknown as { clients: Record<string, Client> }).clients
-    aedes.on('clientReady', (client) => {
-      if (!client.clean) persistence.sessionConnected(client.id).catch((err: Error) => this.logger.warn({ err: err.message }, 'session record not updated'))
-    })
-    aedes.on('clientDisconnect', (client) => {
-      // At shutdown every client goes; those sessions are recorded at the next start instead.
-      if (!client.clean && this.closing === null) {
-        persistence.sessionDisconnected(client.id, Date.now()).catch((err: Error) => this.logger.warn({ err: err.message }, 'session record not updated'))
-      }
-    })
-    if (seconds === 0) return
-    const sweep = async (): Promise<void> => {
-      const now = Date.now()
-      const ended = await persistence.expireSessions(now - seconds * 1000, now, (id) => clients[id] !== undefined)
-      if (ended.length > 0) {
-        this.metrics.sessionsExpired.inc(ended.length)
-        this.logger.info({ sessions: ended.length, sessionExpirySeconds: seconds }, 'expired persistent sessions whose clients stayed away')
-      }
-    }
-    await sweep()
-    this.expiryTimer = setInterval(() => {
-      sweep().catch((err: Error) => this.logger.error({ err: err.message }, 'session expiry sweep failed'))
-    }, Math.min(seconds * 500, 3_600_000))
-    this.expiryTimer.unref()
-  }
-
   /** Publishes again what was acknowledged but not stored before the last stop (at-least-once), then forgets it. */
   private async replayJournal (aedes: Aedes, persistence: LevelPersistence, upTo?: Buffer): Promise<number> {
     let replayed = 0
@@ -584,10 +641,21 @@ class FerryBroker implements Broker {
     this.publishGate = gate
   }
 
-  private authorizeSubscribe<S extends { topic: string }> (_client: Client, sub: S, done: (err: Error | null, sub?: S | null) => void): void {
-    const problem = topicFilterProblem(sub.topic, this.config.limits)
-    if (problem !== null) return done(new Error(`SUBSCRIBE refused: ${problem}`))
-    done(null, sub)
+  /**
+   * A filter FerryMQ refuses: MQTT 5 clients get SUBACK 0x87 for it and stay connected; MQTT 3.1.1
+   * clients are disconnected, as before, except for "__proto__", which gets SUBACK 0x80 (it worked
+   * on aedes 1.2.0; aedes 2.0.0-beta.1 would crash on it, see guardClient).
+   */
+  private authorizeSubscribe<S extends { topic: string }> (client: Client, sub: S, done: (err: Error | null, sub?: S | null) => void): void {
+    const proto = sub.topic === '__proto__' || sub.topic === PROTO_FILTER
+    const problem = proto ? 'the topic filter "__proto__" is not supported' : topicFilterProblem(sub.topic, this.config.limits)
+    if (problem === null) return done(null, sub)
+    this.refusedSubs.add(sub)
+    if (proto || client.version === 5) {
+      this.logger.info({ clientId: client.id, err: problem }, 'SUBSCRIBE refused for one filter (SUBACK failure code)')
+      return done(null, null)
+    }
+    done(new Error(`SUBSCRIBE refused: ${problem}`))
   }
 
   /** Called by aedes for every delivery to a connected client: the slow-subscriber bound, then the QoS cap. */

@@ -99,8 +99,19 @@ const limitsSchema = z.strictObject({
   maxTopicLevels: positiveInt('a level count', 1, 100, 100),
   /** Longest topic name or filter, in UTF-8 bytes (MQTT's own maximum is 65,535). */
   maxTopicLength: positiveInt('a length in bytes', 1, 65_535, 65_535),
-  /** Inbound QoS 2 messages a client may have awaiting PUBREL. */
+  /**
+   * Inbound QoS 2 messages a client may have awaiting PUBREL; past it the connection is closed
+   * (MQTT 5: DISCONNECT 0x93). Advertised to MQTT 5 clients as the broker's Receive Maximum.
+   */
   maxInflightInbound: positiveInt('a message count', 1, 65_535, 1000),
+  /** MQTT 5 topic aliases a client may use toward the broker (Topic Alias Maximum in CONNACK); 0 turns them off. */
+  maxTopicAlias: positiveInt('an alias count', 0, 65_535, 10),
+  /**
+   * Longest keepalive a client may ask for, in seconds; 0 sets none. An MQTT 5 client that asks
+   * for more (or for 0) is told this value (Server Keep Alive); an MQTT 3.1/3.1.1 client that asks
+   * for more is refused, as Mosquitto's max_keepalive does.
+   */
+  maxKeepaliveSeconds: positiveInt('seconds', 0, 65_535, 0),
 })
 
 const logSchema = z.strictObject({

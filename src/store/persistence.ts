@@ -225,6 +225,8 @@ export class LevelPersistence {
   readonly #incomingPublished: Sublevel
   /** Incoming QoS 2 keys (hex) stored by this process: their publish is known to have run or be running. */
   readonly #incomingThisRun = new Set<string>()
+  #nextSessionExpiry: number | undefined = undefined
+  #heldWill: (clientId: string) => boolean = () => false
   /**
    * Incoming QoS 2 messages stored but not yet queued, by payload Buffer: aedes' publish pipeline
    * copies the packet but keeps its payload object, so outgoingEnqueueCombi can recognise the
@@ -442,7 +444,9 @@ export class LevelPersistence {
   /** The client's subscriptions (all QoS), `[]` when none. */
   async subscriptionsByClient (client: PersistenceClient): Promise<Subscription[]> {
     const stored = this.#clientSubs.get(client.id)
-    return stored === undefined ? [] : [...stored].map(([topic, record]) => ({ topic, ...record }))
+    // "__proto__" (stored by FerryMQ on aedes 1.2.0) is left out: restored together with another
+    // filter, aedes 2.0.0-beta.1's dedupe would crash on it (GHSA-52qw-whmv-87c5).
+    return stored === undefined ? [] : [...stored].filter(([topic]) => topic !== '__proto__').map(([topic, record]) => ({ topic, ...record }))
   }
 
   /** QoS > 0 subscriptions whose filter matches `topic`. */
@@ -861,9 +865,12 @@ export class LevelPersistence {
   }
 
   /** On PUBACK/PUBCOMP: removes the entry holding `packet.messageId` and returns it (undefined if none). */
-  async outgoingClearMessageId (client: PersistenceClient, packet: { messageId?: number } | undefined): Promise<PacketLike | undefined> {
+  async outgoingClearMessageId (client: PersistenceClient, packet: PacketLike | undefined): Promise<PacketLike | undefined> {
     const messageId = packet?.messageId
-    if (!isPacketId(messageId)) return undefined
+    // Without a packet id: a queued entry never sent, as aedes 2 hands over when it empties a
+    // session's queue (a clean start, an MQTT 5 session that ended); found by its identity.
+    const byIdentity = !isPacketId(messageId) && packet !== undefined ? this.#identityKey(client.id, packet) : undefined
+    if (!isPacketId(messageId) && byIdentity === undefined) return undefined
     // The id may have been assigned by a write still on its way (a QoS 1 delivery): read after it.
     await this.#pendingIdWrites.get(client.id)
     const q = this.#state(client.id)
@@ -873,13 +880,13 @@ export class LevelPersistence {
     let mark: Mark | undefined
     let hex = ''
     try {
-      const idxKey = this.#messageIdKey(client.id, messageId)
-      const seqKey = await this.#byMessageId.get(idxKey)
+      const idxKey = isPacketId(messageId) ? this.#messageIdKey(client.id, messageId) : undefined
+      const seqKey = idxKey !== undefined ? await this.#byMessageId.get(idxKey) : await this.#byIdentity.get(byIdentity as Buffer)
       if (seqKey === undefined) return undefined
       const entryKey = key(str(client.id), seqKey)
       const current = await this.#outgoing.get(entryKey)
       // From here to the submission nothing awaits: the marks checked are current.
-      const ops: StoreOp[] = [{ type: 'del', sublevel: this.#byMessageId, key: idxKey }]
+      const ops: StoreOp[] = idxKey === undefined ? [] : [{ type: 'del', sublevel: this.#byMessageId, key: idxKey }]
       entry = current === undefined ? undefined : decode<PacketLike>(current)
       hex = seqKey.toString('hex')
       if (current !== undefined && entry !== undefined && q.marks.get(hex)?.state !== 'gone') {
@@ -1128,6 +1135,14 @@ export class LevelPersistence {
     this.#incomingThisRun.delete(k.toString('hex'))
   }
 
+  /** Every stored inbound QoS 2 packet id with its client (the broker's cap on them is rebuilt from these at start). */
+  async * incomingIds (): AsyncGenerator<{ clientId: string, messageId: number }> {
+    for await (const k of this.#incoming.keys()) {
+      const [clientId, rest] = splitFirst(k)
+      if (rest.length === 2) yield { clientId, messageId: rest.readUInt16BE(0) }
+    }
+  }
+
   /** Deletes every inbound packet of the client (and only that client). */
   async cleanIncoming (client: PersistenceClient): Promise<void> {
     const ops: StoreOp[] = []
@@ -1175,13 +1190,20 @@ export class LevelPersistence {
     }
   }
 
-  /** Wills whose brokerId is not a key of `brokers` (brokers that are alive). */
+  /** Wills the broker times itself (MQTT 5 delayed wills after a restart): streamWill() leaves them out. */
+  holdWills (held: (clientId: string) => boolean): void {
+    this.#heldWill = held
+  }
+
+  /** Wills whose brokerId is not a key of `brokers` (brokers that are alive), held ones left out. */
   streamWill (brokers: Record<string, unknown> = {}): Readable {
     const wills = this.#wills
+    const held = this.#heldWill
     async function * orphaned (): AsyncGenerator<PacketLike> {
       for await (const v of wills.values()) {
         const will = decode<PacketLike>(v)
         const id = will.brokerId ?? ''
+        if (typeof will.clientId === 'string' && held(will.clientId)) continue
         if (!(Object.hasOwn(brokers, id) && Boolean(brokers[id]))) yield will
       }
     }
@@ -1218,35 +1240,75 @@ export class LevelPersistence {
 
   // ---- session expiry (FerryMQ's) --------------------------------------------------------------
 
-  /** Records when a persistent session's client went away (ms since the epoch). */
-  async sessionDisconnected (clientId: string, at: number): Promise<void> {
-    await this.#write([{ type: 'put', sublevel: this.#sessions, key: str(clientId), value: u64(at) }])
-  }
-
-  /** The session's client is back: it is no longer counting down. */
-  async sessionConnected (clientId: string): Promise<void> {
-    await this.#write([{ type: 'del', sublevel: this.#sessions, key: str(clientId) }])
+  /**
+   * Records that a persistent session's client went away at `at` (ms since the epoch). An MQTT 5
+   * session brings its own expiry interval (seconds; undefined: limits.sessionExpirySeconds) and,
+   * when a delayed will is pending, the time it is due.
+   */
+  async sessionDisconnected (clientId: string, at: number, expirySeconds?: number, willAt?: number): Promise<void> {
+    await this.#write([{ type: 'put', sublevel: this.#sessions, key: str(clientId), value: sessionValue({ at, expirySeconds, willAt }) }])
   }
 
   /**
-   * Ends every stored session whose client has been away since before `before`: its
+   * The session's client is back: it is no longer counting down. An MQTT 5 session's own expiry
+   * interval is kept (a record marked connected), so a stop or a crash while it is connected does not
+   * lose it.
+   */
+  async sessionConnected (clientId: string, expirySeconds?: number): Promise<void> {
+    await this.#write([expirySeconds === undefined
+      ? { type: 'del', sublevel: this.#sessions, key: str(clientId) }
+      : { type: 'put', sublevel: this.#sessions, key: str(clientId), value: sessionValue({ at: 0, connected: true, expirySeconds }) }])
+  }
+
+  /** Every session record: when its client went away (or that it was connected when last written), its own expiry, a delayed will's due time. */
+  async * sessionRecords (): AsyncGenerator<SessionRecord & { clientId: string }> {
+    for await (const [k, v] of this.#sessions.iterator()) yield { clientId: splitFirst(k)[0], ...readSessionValue(v) }
+  }
+
+  /** The earliest time (ms) a session record's own expiry falls due, as of the last expireSessions(); undefined if none. */
+  get nextSessionExpiry (): number | undefined {
+    return this.#nextSessionExpiry
+  }
+
+  /**
+   * Ends every stored session whose client has been away too long: since before `before`, or, for
+   * a session with its own expiry interval (MQTT 5), for longer than that interval. Its
    * subscriptions, queue and incoming QoS 2 state go, in one batch per session. A stored session
    * with no record and not `connected` (its client was online when the process stopped) is
-   * recorded as away from `now`. Returns the client ids whose sessions ended.
+   * recorded as away from `now`, as is one recorded as connected. Returns the client ids whose
+   * sessions ended.
    */
   async expireSessions (before: number, now: number, connected: (clientId: string) => boolean): Promise<string[]> {
     const away = new Map<string, number>()
-    for await (const [k, v] of this.#sessions.iterator()) away.set(splitFirst(k)[0], readU64(v))
+    const own = new Map<string, SessionRecord>()
+    for await (const record of this.sessionRecords()) {
+      if (record.expirySeconds !== undefined) own.set(record.clientId, record)
+      if (record.connected === true) {
+        if (connected(record.clientId)) continue
+        await this.sessionDisconnected(record.clientId, now, record.expirySeconds, record.willAt)
+        record.at = now
+      }
+      away.set(record.clientId, record.at)
+    }
     const queued = [...this.#queues.values()].filter(q => q.messages > 0).map(q => q.clientId)
     for (const clientId of new Set([...this.#clientSubs.keys(), ...queued])) {
-      if (!away.has(clientId) && !connected(clientId)) {
+      if (!away.has(clientId) && !own.has(clientId) && !connected(clientId)) {
         await this.sessionDisconnected(clientId, now)
         away.set(clientId, now)
       }
     }
+    let next: number | undefined
+    const due = (clientId: string, at: number): boolean => {
+      const expiry = own.get(clientId)?.expirySeconds
+      if (expiry === undefined) return at < before
+      const deadline = at + expiry * 1000
+      if (deadline <= now) return true
+      next = next === undefined ? deadline : Math.min(next, deadline)
+      return false
+    }
     const ended: string[] = []
     for (const [clientId, at] of away) {
-      if (at >= before || connected(clientId)) continue
+      if (connected(clientId) || !due(clientId, at)) continue
       await this.#withSubLock(clientId, async () => {
         const topics = [...(this.#clientSubs.get(clientId)?.keys() ?? [])]
         const ops: StoreOp[] = topics.map((t): StoreOp => ({ type: 'del', sublevel: this.#subs, key: this.#subKey(clientId, t) }))
@@ -1294,6 +1356,7 @@ export class LevelPersistence {
       })
       ended.push(clientId)
     }
+    this.#nextSessionExpiry = next
     return ended
   }
 
@@ -1365,4 +1428,24 @@ function isStale (stored: PacketLike, incoming: { cmd?: string, topic?: unknown,
 
 function isPacketId (id: unknown): id is number {
   return typeof id === 'number' && Number.isInteger(id) && id >= 0 && id <= 0xffff
+}
+
+/** A session record (sublevel `e`): u64 `at`, then, when there is more, msgpack `{ x: expirySeconds, w: willAt, c: connected }`. */
+export interface SessionRecord { at: number, connected?: boolean, expirySeconds?: number, willAt?: number }
+
+function sessionValue (record: SessionRecord): Buffer {
+  const at = u64(record.at)
+  if (record.expirySeconds === undefined && record.willAt === undefined && record.connected !== true) return at
+  return Buffer.concat([at, encode({ x: record.expirySeconds, w: record.willAt, c: record.connected === true ? 1 : undefined })])
+}
+
+function readSessionValue (v: Buffer): SessionRecord {
+  const at = readU64(v.subarray(0, 8))
+  if (v.length <= 8) return { at }
+  const extra = decode<{ x?: number, w?: number, c?: number }>(v.subarray(8))
+  const record: SessionRecord = { at }
+  if (extra.c === 1) record.connected = true
+  if (typeof extra.x === 'number') record.expirySeconds = extra.x
+  if (typeof extra.w === 'number') record.willAt = extra.w
+  return record
 }

@@ -56,6 +56,8 @@ const DEFAULTS = {
     maxTopicLevels: 100,
     maxTopicLength: 65_535,
     maxInflightInbound: 1000,
+    maxTopicAlias: 10,
+    maxKeepaliveSeconds: 0,
   },
   log: { level: 'info' },
   sys: { intervalSeconds: 10, heartbeatSeconds: 60 },
