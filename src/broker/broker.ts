@@ -23,6 +23,7 @@ import { listenWs } from '../transport/ws.js'
 import { VERSION } from '../version.js'
 import { Bridge, checkBridges, type LocalMessage } from '../bridge/bridge.js'
 import { clientIdProblem, topicFilterProblem, topicMatches, topicNameProblem } from './validate.js'
+import { installReceiveMaximum } from './flow-control.js'
 import { SessionKeeper } from './sessions.js'
 import { guardPersistence, RECEIVE_MAXIMUM_EXCEEDED, type GuardedPersistence, type InboundQos2Counts } from './guards.js'
 
@@ -58,6 +59,12 @@ interface ConnectInfo { clientId: string, clean: boolean, version: number, bridg
 const memoryPersistence = createRequire(import.meta.url)('aedes-persistence') as () => object
 const IDENTIFIER_REJECTED = 2
 const SERVER_UNAVAILABLE = 3
+/** MQTT 5 DISCONNECT reason codes. */
+const UNSPECIFIED_ERROR = 0x80
+const SERVER_SHUTTING_DOWN = 0x8B
+const QUOTA_EXCEEDED = 0x97
+/** An MQTT 5 DISCONNECT with reason 0x95 "Packet too large" and no properties. */
+const DISCONNECT_PACKET_TOO_LARGE = Buffer.from([0xe0, 0x02, 0x95, 0x00])
 /** What a "__proto__" filter in a multi-filter SUBSCRIBE becomes before aedes sees it (see guardClient); never a valid filter (U+0000). */
 const PROTO_FILTER = '\u0000__proto__'
 /** The journal key of an inbound QoS 1 PUBLISH, set in authorizePublish, read in published (same packet object). */
@@ -323,6 +330,7 @@ class FerryBroker implements Broker {
     conn.once('close', () => this.connections.delete(conn))
     metrics.connectionsTotal.inc({ listener })
     let refused = false
+    let client: Client | null = null
     const refuse = (reason: string, message: string): void => {
       if (refused) return
       refused = true
@@ -334,7 +342,12 @@ class FerryBroker implements Broker {
       publishOut: (qos, size) => { metrics.messagesSent.inc({ qos }); metrics.bytesSent.inc({ qos }, size) },
       bytesIn: (n) => metrics.networkBytesReceived.inc(n),
       bytesOut: (n) => metrics.networkBytesSent.inc(n),
-      refused: (err) => refuse(err instanceof PacketTooLargeError ? 'packet_too_large' : 'malformed_packet', err.message),
+      refused: (err) => {
+        // MQTT 5 has a reason code for it (the connection is destroyed right after; the 4 bytes
+        // are handed to the socket first). 3.1.1 has none.
+        if (err instanceof PacketTooLargeError && client?.version === 5 && client.connected) conn.write(DISCONNECT_PACKET_TOO_LARGE)
+        refuse(err instanceof PacketTooLargeError ? 'packet_too_large' : 'malformed_packet', err.message)
+      },
     })
     // ws refuses a message over maxPayload (= maxPacketSize) itself, before the meter sees a byte.
     const ws = (conn as { socket?: unknown }).socket
@@ -344,8 +357,15 @@ class FerryBroker implements Broker {
       })
     }
     this.meters.set(conn, meter)
-    const client = (this.aedes as Aedes).handle(conn, req)
+    client = (this.aedes as Aedes).handle(conn, req)
     this.guardClient(client)
+    installReceiveMaximum(client, {
+      meter,
+      maxBufferBytes: this.config.limits.maxClientBufferBytes,
+      onOverflow: (c, bytes) => {
+        if (this.noteSlow(c, bytes, 'closing its connection (messages held for its MQTT 5 Receive Maximum)')) this.metrics.protocolErrors.inc({ reason: 'slow_subscriber' })
+      },
+    })
   }
 
   /**
@@ -414,7 +434,7 @@ class FerryBroker implements Broker {
   private authorizePublish (client: Client | null, packet: PublishPacket, done: (err?: Error | null) => void): void {
     if (client === null) return done(null) // the broker's own messages ($SYS, wills)
     // Stopping: nothing more is acknowledged (the client sends it again to the next process).
-    if (this.closing !== null && packet.qos > 0) return done(new Error('PUBLISH refused: the broker is stopping'))
+    if (this.closing !== null && packet.qos > 0) return this.notTaken(client, done, new Error('PUBLISH refused: the broker is stopping'), SERVER_SHUTTING_DOWN)
     const topic = packet.topic
     const problem = topicNameProblem(topic, this.config.limits) ??
       (topic.startsWith('$SYS/') || topic === '$SYS' ? 'topic $SYS is reserved for the broker' : null)
@@ -424,7 +444,7 @@ class FerryBroker implements Broker {
     }
     // A bridge with outbox.whenFull: reject and a full outbox: the message is not taken (not acknowledged).
     const refusing = this.bridges.find((b) => b.refuses(packet as LocalMessage))
-    if (refusing !== undefined) return done(new Error(`PUBLISH refused: bridge ${refusing.name}'s outbox is full (outbox.whenFull: reject)`))
+    if (refusing !== undefined) return this.notTaken(client, done, new Error(`PUBLISH refused: bridge ${refusing.name}'s outbox is full (outbox.whenFull: reject)`), QUOTA_EXCEEDED)
     if (this.connectInfo.get(client)?.bridge === true) this.publishedByBridge.set(packet.payload as Buffer, client)
     const wait = this.publishDelay(client)
     const held = this.throttled.get(client)
@@ -455,6 +475,19 @@ class FerryBroker implements Broker {
       setTimeout(release, Math.max(1, Math.ceil((queue[0] as typeof item).due - now)))
     }
     setTimeout(release, Math.ceil(wait))
+  }
+
+  /**
+   * A PUBLISH refused for a reason that passes (the store, a full outbox, a stop): it must be sent
+   * again, not dropped. An MQTT 3.1.1 client is disconnected by done(err) and re-sends on
+   * reconnect. For MQTT 5, aedes would answer done(err) with PUBACK/PUBREC 0x87 "Not authorized",
+   * a final refusal the client does not retry: so the connection is closed first with a
+   * DISCONNECT naming the reason, and the client re-sends the message when it reconnects.
+   */
+  private notTaken (client: Client, done: (err?: Error | null) => void, err: Error, reasonCode: number): void {
+    if (client.version !== 5) return done(err)
+    this.logger.debug({ clientId: client.id, reasonCode, err: err.message }, 'MQTT 5 client disconnected: its PUBLISH was not taken and must be sent again')
+    client.disconnect({ reasonCode, properties: { reasonString: err.message.slice(0, 200) } }, () => done(err))
   }
 
   /**
@@ -504,7 +537,7 @@ class FerryBroker implements Broker {
     }, (err: Error) => {
       // Counted by the store observer (ferrymq_store_write_errors_total); the store logs its failure once.
       this.logger.debug({ clientId: client.id, topic: packet.topic, err: err.message }, 'QoS 1 message not acknowledged: store write failed, client disconnected')
-      done(new Error(`store write failed: ${err.message}`))
+      this.notTaken(client, done, new Error(`store write failed: ${err.message}`), UNSPECIFIED_ERROR)
     })
   }
 

@@ -1222,7 +1222,11 @@ export class LevelPersistence {
     const ops: StoreOp[] = []
     const { first, reservation } = this.#allocate(1, ops)
     const entryKey = u64(first)
-    const { cmd, topic, payload, qos, retain, properties, messageExpiry } = packet
+    const { cmd, topic, payload, qos, retain, properties } = packet
+    // MQTT 5 message expiry counts from arrival (aedes stamps it later in its pipeline): a message
+    // replayed after a crash keeps its deadline rather than starting its interval again.
+    const interval = (properties as { messageExpiryInterval?: unknown } | undefined)?.messageExpiryInterval
+    const messageExpiry = packet.messageExpiry ?? (typeof interval === 'number' && interval > 0 ? Date.now() + interval * 1000 : undefined)
     ops.push({ type: 'put', sublevel: this.#journal, key: entryKey, value: encode({ cmd, topic, payload, qos, retain, properties, messageExpiry }) })
     await this.#write(ops, reservation)
     return entryKey
