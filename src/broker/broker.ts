@@ -53,7 +53,7 @@ export interface BrokerOptions {
 }
 
 /** What CONNECT carried, kept from preConnect for the checks in authenticate (which can send a CONNACK code). */
-interface ConnectInfo { clientId: string, clean: boolean, version: number, bridge: boolean, willDelay: number }
+interface ConnectInfo { clientId: string, clean: boolean, version: number, bridge: boolean, willDelay: number, keepaliveProblem?: string }
 
 /** aedes' own in-memory persistence (durability: memory), the one aedes would create itself. */
 const memoryPersistence = createRequire(import.meta.url)('aedes-persistence') as () => object
@@ -395,17 +395,29 @@ class FerryBroker implements Broker {
       }
     }
     const willDelay = (packet.will as { properties?: { willDelayInterval?: number } } | undefined | null)?.properties?.willDelayInterval ?? 0
-    this.connectInfo.set(client, { clientId: packet.clientId, clean: packet.clean ?? true, version: packet.protocolVersion ?? 4, bridge: (packet as { bridgeMode?: boolean }).bridgeMode === true, willDelay })
+    const version = packet.protocolVersion ?? 4
+    // limits.maxKeepaliveSeconds for MQTT 3.1/3.1.1, which cannot be told another keepalive: refused
+    // with "identifier rejected", as Mosquitto's max_keepalive does. (aedes would answer return code
+    // 6, which 3.1.1 reserves; the packet is given an accepted value so it does not, and
+    // authenticate refuses it.)
+    const maxKeepalive = this.config.limits.maxKeepaliveSeconds
+    let keepaliveProblem: string | undefined
+    const keepalive = packet.keepalive ?? 0
+    if (version < 5 && maxKeepalive > 0 && (keepalive === 0 || keepalive > maxKeepalive)) {
+      keepaliveProblem = `keepalive ${keepalive} s is not allowed: limits.maxKeepaliveSeconds is ${maxKeepalive} (and 0, no keepalive, is refused with it)`
+      packet.keepalive = maxKeepalive
+    }
+    this.connectInfo.set(client, { clientId: packet.clientId, clean: packet.clean ?? true, version, bridge: (packet as { bridgeMode?: boolean }).bridgeMode === true, willDelay, keepaliveProblem })
     done(null, true)
   }
 
   private authenticate (client: Client, done: (err: (Error & { returnCode: number }) | null, ok: boolean | null) => void): void {
     const info = this.connectInfo.get(client)
     if (info !== undefined) {
-      const problem = info.version === 3
+      const problem = info.keepaliveProblem ?? (info.version === 3
         ? (info.clientId.length === 0 ? 'MQTT 3.1 needs a client identifier of 1 to 23 characters' : null)
         // MQTT 5 lets an empty identifier come with Clean Start 0 too: the broker assigns one.
-        : clientIdProblem(info.clientId, info.clean || info.version === 5, this.config.limits.maxClientIdLength)
+        : clientIdProblem(info.clientId, info.clean || info.version === 5, this.config.limits.maxClientIdLength))
       if (problem !== null) {
         this.metrics.protocolErrors.inc({ reason: 'identifier_rejected' })
         this.logger.info({ clientId: info.clientId.slice(0, 64), reason: problem }, 'CONNECT refused: identifier rejected')

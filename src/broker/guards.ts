@@ -9,10 +9,16 @@
  *   broker calls `cleanIncoming`; this wrapper keeps the cap's counts in step with it.
  * - aedes stores a SUBSCRIBE's whole filter list once one filter is granted, refused ones
  *   included; `refused` filters are left out.
+ * - aedes sends an MQTT 5 session's queued messages without the Subscription Identifiers of the
+ *   subscriptions they matched [MQTT-3.3.4-3] (live deliveries carry them): they are added as the
+ *   queue is read.
  *
  * The methods are wrapped on the persistence instance, so the same code guards FerryMQ's
  * LevelPersistence and aedes' in-memory one.
  */
+
+import { Readable } from 'node:stream'
+import { topicMatches } from './validate.js'
 
 /** The MQTT 5 reason code for "Receive Maximum exceeded" (DISCONNECT). */
 export const RECEIVE_MAXIMUM_EXCEEDED = 0x93
@@ -25,13 +31,14 @@ export class InboundQos2LimitError extends Error {
 }
 
 interface ClientLike { id: string, version?: number | null }
-interface PacketLike { messageId?: number }
+interface PacketLike { messageId?: number, topic?: string, properties?: Record<string, unknown> }
 
 export interface GuardedPersistence {
   addSubscriptions (client: ClientLike, subs: object[]): Promise<unknown>
   incomingStorePacket (client: ClientLike, packet: PacketLike): Promise<unknown>
   incomingDelPacket (client: ClientLike, packet: PacketLike): Promise<unknown>
   cleanIncoming? (client: ClientLike): Promise<unknown>
+  outgoingStream (client: ClientLike): Readable
 }
 
 export interface GuardOptions {
@@ -107,11 +114,40 @@ export function guardPersistence (persistence: GuardedPersistence, options: Guar
   }
   persistence.incomingDelPacket = async (client, packet) => {
     if (typeof packet.messageId === 'number') counts.release(client.id, packet.messageId)
-    return await incomingDelPacket(client, packet)
+    // Never rejects: aedes 2.0.0-beta.1 calls it as `incomingDelPacket().finally(…)` (pubrel.js),
+    // so a store failure here was an unhandled rejection, which ends a Node process. An entry that
+    // could not be deleted stays stored; a new message reusing its id is told apart by its content.
+    try {
+      return await incomingDelPacket(client, packet)
+    } catch {
+      return undefined
+    }
   }
   persistence.cleanIncoming = async (client) => {
     counts.clear(client.id)
     return await cleanIncoming(client)
   }
+  const outgoingStream = persistence.outgoingStream.bind(persistence)
+  persistence.outgoingStream = (client) => {
+    const source = outgoingStream(client)
+    if (client.version !== 5) return source
+    return Readable.from((async function * () {
+      for await (const packet of source) yield withSubscriptionIds(client, packet as PacketLike)
+    })())
+  }
   return counts
+}
+
+/** `packet` with the Subscription Identifiers of the client's subscriptions that match it (one, or a list). */
+function withSubscriptionIds (client: ClientLike, packet: PacketLike): PacketLike {
+  if (typeof packet.topic !== 'string' || packet.properties?.subscriptionIdentifier !== undefined) return packet
+  const subs = (client as { subscriptions?: Record<string, { si?: number }> }).subscriptions ?? {}
+  const ids: number[] = []
+  for (const filter in subs) {
+    const si = subs[filter]?.si
+    if (si !== undefined && !ids.includes(si) && topicMatches(filter, packet.topic)) ids.push(si)
+  }
+  if (ids.length === 0) return packet
+  packet.properties = { ...packet.properties, subscriptionIdentifier: ids.length === 1 ? ids[0] : ids }
+  return packet
 }
