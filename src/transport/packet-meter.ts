@@ -115,8 +115,11 @@ export function meterConnection (conn: Duplex, maxPacketSize: number, events: Me
     if (size > maxPacketSize && tooLarge === null) tooLarge = new PacketTooLargeError(size, maxPacketSize)
     else if (type === PUBLISH) events.publishIn((flags >> 1) & 3, size)
   })
+  let publishOutListener: ((qos: number, size: number) => void) | null = null
   const outbound = new FixedHeaderScanner((type, flags, size) => {
-    if (type === PUBLISH) events.publishOut((flags >> 1) & 3, size)
+    if (type !== PUBLISH) return
+    events.publishOut((flags >> 1) & 3, size)
+    publishOutListener?.((flags >> 1) & 3, size)
   })
 
   const read = conn.read
@@ -162,11 +165,16 @@ export function meterConnection (conn: Duplex, maxPacketSize: number, events: Me
     return (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
   } as Duplex['write']
 
-  return { pendingBytes: () => pending }
+  return { pendingBytes: () => pending, onPublishOut: (listener) => { publishOutListener = listener } }
 }
 
 /** What meterConnection leaves to ask of a connection. */
 export interface MeteredConnection {
   /** Bytes written to the connection and not yet flushed to the network. */
   pendingBytes (): number
+  /**
+   * Also tells `listener` of each outgoing PUBLISH (as MeterEvents.publishOut, when its fixed
+   * header is written); one listener per connection, a later call replaces it. For flow control.
+   */
+  onPublishOut (listener: (qos: number, size: number) => void): void
 }
