@@ -90,6 +90,13 @@ describe.skipIf(!hasMosquitto())('bridge outbox limits (needs the mosquitto bina
     // Counted and logged as the metric's help says ("reject refused it").
     expect(await metric(edge as TestBroker, 'ferrymq_bridge_dropped_total', { ...B, reason: 'outbox_full' })).toBe(1)
     expect(logsMatching(logs, 'cloud', 'bridge outbox full').length).toBe(1)
+    // MQTT 5: DISCONNECT 0x97 "Quota exceeded", not aedes' final PUBACK 0x87: the client keeps the
+    // message and sends it again when it reconnects.
+    const v5 = await connect((edge as TestBroker).mqttUrl, { clientId: 'edge-pub-v5', protocolVersion: 5, reconnectPeriod: 0 })
+    const told = new Promise<number | undefined>((resolve) => v5.once('disconnect', (packet) => resolve(packet.reasonCode)))
+    const v5refused = v5.publishAsync('telemetry/dev1', '51', { qos: 1 }).then(() => 'acknowledged', (err: { code?: number }) => `refused ${err.code}`)
+    expect(await withTimeout(told, 5000, 'the v5 publisher is told why')).toBe(0x97)
+    expect(await Promise.race([v5refused, Promise.resolve('pending')])).toBe('pending')
 
     proxy?.restore()
     await tracker.all(0, 50, 10_000)
@@ -98,12 +105,11 @@ describe.skipIf(!hasMosquitto())('bridge outbox limits (needs the mosquitto bina
     await publishSeq(again, 100, 110)
     await tracker.all(100, 110, 10_000)
     expect(tracker.seen.has(50)).toBe(false)
+    expect(tracker.seen.has(51)).toBe(false)
     expect(tracker.firsts).toEqual([...Array.from({ length: 50 }, (_, i) => i), ...Array.from({ length: 10 }, (_, i) => 100 + i)])
   }, 30_000)
 
   it('maxAgeSeconds: messages that waited longer are dropped as expired, not forwarded after the link returns', async () => {
-    // MQTT 5 message expiry (properties.messageExpiryInterval) cannot be exercised end to end here:
-    // local clients of this aedes version speak MQTT 3.1.1 only, so no local message carries one.
     const logs: Array<Record<string, unknown>> = []
     const { tracker } = await partitioned({ maxAgeSeconds: 1 }, logs)
     const local = await connect((edge as TestBroker).mqttUrl, { clientId: 'edge-pub' })
@@ -123,5 +129,19 @@ describe.skipIf(!hasMosquitto())('bridge outbox limits (needs the mosquitto bina
     await metricUntil(edge as TestBroker, 'ferrymq_bridge_outbox_messages', B, (v) => v === 0)
     expect(await metric(edge as TestBroker, 'ferrymq_bridge_forwarded_total', { ...B, direction: 'out' })).toBe(1)
     expect(await metric(edge as TestBroker, 'ferrymq_bridge_expired_total', B)).toBe(20)
+  }, 30_000)
+
+  it('MQTT 5 message expiry: a local v5 message that waits in the outbox past its own interval is dropped as expired; one without expiry is forwarded', async () => {
+    const { tracker } = await partitioned({})
+    const local = await connect((edge as TestBroker).mqttUrl, { clientId: 'edge-pub-v5', protocolVersion: 5 })
+    for (let i = 0; i < 10; i++) await local.publishAsync('telemetry/dev1', String(i), { qos: 1, properties: { messageExpiryInterval: 1 } })
+    await local.publishAsync('telemetry/dev1', '10', { qos: 1 })
+    await metricUntil(edge as TestBroker, 'ferrymq_bridge_outbox_messages', B, (v) => v === 11, 5000)
+    // The expiry is a clock: let the 1 s interval run out while the link is down.
+    await new Promise<void>((resolve) => setTimeout(resolve, 1500))
+    proxy?.restore()
+    await tracker.all(10, 11, 10_000)
+    expect(tracker.arrivals).toEqual([10])
+    expect(await metric(edge as TestBroker, 'ferrymq_bridge_expired_total', B)).toBe(10)
   }, 30_000)
 })
