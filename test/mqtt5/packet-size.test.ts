@@ -1,11 +1,13 @@
 /**
  * MQTT 5 Maximum Packet Size: CONNACK advertises limits.maxPacketSize, and a client that sends a
  * larger packet is told so with DISCONNECT 0x95 before the connection closes (3.1.1 has no reason
- * code: its connection is just closed). Other clients are unaffected.
+ * code: its connection is just closed). Other clients are unaffected. A client's own Maximum
+ * Packet Size is honoured: what would not fit is not sent to it [MQTT-3.1.2-24/25].
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { startBroker, type TestBroker } from '../helpers/broker.js'
-import { collect, connect, endAllClients, withTimeout } from '../helpers/clients.js'
+import { collect, connackOf, connect, endAllClients, withTimeout } from '../helpers/clients.js'
+import { scrapeMetric } from '../helpers/metrics.js'
 
 let b: TestBroker
 beforeAll(async () => { b = await startBroker({ limits: { maxPacketSize: 4096 } }) })
@@ -39,5 +41,27 @@ describe('maximum packet size', () => {
     big.publish('size/big', Buffer.alloc(8000, 1), { qos: 1 })
     await withTimeout(closed, 5000, 'the connection to close')
     expect(told).toBe(false)
+  })
+
+  it("a message larger than the client's own Maximum Packet Size is not sent to it (live or queued); it stays connected and gets the rest", async () => {
+    const session = { clientId: 'size-small-client', protocolVersion: 5 as const, clean: false, properties: { sessionExpiryInterval: 60, maximumPacketSize: 200 } }
+    const small = await connect(b.mqttUrl, session)
+    await small.subscribeAsync('fit/#', { qos: 1 })
+    const pub = await connect(b.mqttUrl, { clientId: 'size-fit-pub', protocolVersion: 5 })
+    const got = collect(small, 2)
+    await pub.publishAsync('fit/a', 'small 1', { qos: 1 })
+    await pub.publishAsync('fit/a', Buffer.alloc(300, 1), { qos: 1 })
+    await pub.publishAsync('fit/a', 'small 2', { qos: 1 })
+    expect((await got).map((m) => m.payload)).toEqual(['small 1', 'small 2'])
+    expect(small.connected).toBe(true)
+
+    // Queued while away: the large one is discarded at delivery too, nothing is left queued.
+    await small.endAsync()
+    await pub.publishAsync('fit/a', Buffer.alloc(300, 2), { qos: 1 })
+    await pub.publishAsync('fit/a', 'small 3', { qos: 1 })
+    const back = await connect(b.mqttUrl, session)
+    expect(connackOf(back).sessionPresent).toBe(true)
+    expect((await collect(back, 1)).map((m) => m.payload)).toEqual(['small 3'])
+    expect(await scrapeMetric(b.httpUrl, 'ferrymq_messages_dropped_total{reason="too_large_for_client"}')).toBe(2)
   })
 })
