@@ -227,6 +227,8 @@ export class LevelPersistence {
   readonly #incomingThisRun = new Set<string>()
   #nextSessionExpiry: number | undefined = undefined
   #heldWill: (clientId: string) => boolean = () => false
+  /** Client ids with a record in the sessions sublevel (`e`). */
+  readonly #sessionIds = new Set<string>()
   /**
    * Incoming QoS 2 messages stored but not yet queued, by payload Buffer: aedes' publish pipeline
    * copies the packet but keeps its payload object, so outgoingEnqueueCombi can recognise the
@@ -294,6 +296,7 @@ export class LevelPersistence {
       this.#applyAdd(clientId, [{ topic: filter.toString('utf8'), ...decode<SubRecord>(v) }])
     }
     await this.#loadQueueCounters()
+    for await (const k of this.#sessions.keys()) this.#sessionIds.add(splitFirst(k)[0])
   }
 
   /**
@@ -1250,6 +1253,7 @@ export class LevelPersistence {
    * when a delayed will is pending, the time it is due.
    */
   async sessionDisconnected (clientId: string, at: number, expirySeconds?: number, willAt?: number): Promise<void> {
+    this.#sessionIds.add(clientId)
     await this.#write([{ type: 'put', sublevel: this.#sessions, key: str(clientId), value: sessionValue({ at, expirySeconds, willAt }) }])
   }
 
@@ -1259,6 +1263,9 @@ export class LevelPersistence {
    * lose it.
    */
   async sessionConnected (clientId: string, expirySeconds?: number): Promise<void> {
+    // No record to delete (a clean client connecting, as most do): no write.
+    if (expirySeconds === undefined && !this.#sessionIds.delete(clientId)) return
+    if (expirySeconds !== undefined) this.#sessionIds.add(clientId)
     await this.#write([expirySeconds === undefined
       ? { type: 'del', sublevel: this.#sessions, key: str(clientId) }
       : { type: 'put', sublevel: this.#sessions, key: str(clientId), value: sessionValue({ at: 0, connected: true, expirySeconds }) }])
@@ -1342,6 +1349,7 @@ export class LevelPersistence {
           }
           ops.push(this.#counterOp(clientId))
           ops.push({ type: 'del', sublevel: this.#sessions, key: str(clientId) })
+          this.#sessionIds.delete(clientId)
           write = this.#write(ops)
         } finally {
           this.#endRead(q, token)
