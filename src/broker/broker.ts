@@ -153,7 +153,12 @@ class FerryBroker implements Broker {
     const store = persistence ?? memoryPersistence()
     this.inboundQos2 = guardPersistence(store as unknown as GuardedPersistence, {
       maxInflightInbound: limits.maxInflightInbound,
-      refused: (sub) => this.refusedSubs.has(sub) || (sub as { topic?: unknown }).topic === '__proto__',
+      // Decided from the filter itself, not only from authorizeSubscribe's verdict: aedes stores the
+      // whole list when the first filter is granted, before the later ones have been checked.
+      refused: (sub) => {
+        const topic = (sub as { topic?: unknown }).topic
+        return this.refusedSubs.has(sub) || typeof topic !== 'string' || topic === '__proto__' || topic === PROTO_FILTER || topicFilterProblem(topic, limits) !== null
+      },
       overLimit: async (client, err) => {
         this.metrics.protocolErrors.inc({ reason: 'inflight_inbound' })
         this.logger.info({ clientId: client.id, err: err.message }, 'client closed: too many QoS 2 messages awaiting PUBREL')
@@ -241,13 +246,16 @@ class FerryBroker implements Broker {
           willDelay: (client) => this.connectInfo.get(client)?.willDelay ?? 0,
           cleanStart: (client) => this.connectInfo.get(client)?.clean ?? true,
           cleanIncoming: (client) => this.cleanIncoming(client),
+          ended: (clientIds) => { for (const id of clientIds) this.inboundQos2?.clear(id) },
         })
         await this.sessions.start()
       } else {
-        // GHSA-p8r9-qf8w-p73r: a session that ends at disconnect leaves no inbound QoS 2 state.
+        // GHSA-p8r9-qf8w-p73r: a session that ends, at disconnect or when it expires (aedes' timer),
+        // leaves no inbound QoS 2 state.
         this.aedes.on('clientDisconnect', (client) => {
           if (client.clean) this.cleanIncoming(client).catch(() => {})
         })
+        this.aedes.on('sessionExpired', (client) => { this.cleanIncoming(client).catch(() => {}) })
       }
       await this.openListeners(tls)
       for (const b of this.bridges) b.start()

@@ -19,8 +19,10 @@ export interface SessionKeeperOptions {
   willDelay: (client: Client) => number
   /** Clean Start (MQTT 5) / CleanSession (3.1.1) of the client's CONNECT. */
   cleanStart: (client: Client) => boolean
-  /** A session ended at disconnect: forget its inbound QoS 2 state (GHSA-p8r9-qf8w-p73r). */
+  /** A session ended at disconnect or by aedes' expiry timer: forget its inbound QoS 2 state (GHSA-p8r9-qf8w-p73r). */
   cleanIncoming: (client: Client) => Promise<void>
+  /** Sessions the sweep ended (their stored state, inbound QoS 2 included, is gone). */
+  ended: (clientIds: string[]) => void
 }
 
 interface StoredWill extends PublishPacket { clientId: string, brokerId?: string }
@@ -72,6 +74,8 @@ export class SessionKeeper {
       persistence.sessionDisconnected(client.id, now, expiry, willAt).catch(warn)
       if (expiry !== undefined) this.#schedule(now + expiry * 1000)
     })
+    // aedes' own timer for an MQTT 5 session (the sweep ends it too, from the store).
+    aedes.on('sessionExpired', (client) => { options.cleanIncoming(client).catch(warn) })
     await this.#restoreWills()
     await this.sweep()
   }
@@ -96,6 +100,7 @@ export class SessionKeeper {
     const limitMs = options.limitSeconds * 1000
     const ended = await persistence.expireSessions(limitMs === 0 ? -Infinity : now - limitMs, now, (id) => this.#clients[id] !== undefined)
     if (ended.length > 0) {
+      options.ended(ended)
       options.metrics.sessionsExpired.inc(ended.length)
       options.logger.info({ sessions: ended.length }, 'expired persistent sessions whose clients stayed away')
     }

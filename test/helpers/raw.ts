@@ -9,10 +9,12 @@ import { withTimeout } from './clients.js'
 export class RawClient {
   readonly packets: Packet[] = []
   readonly closed: Promise<void>
-  private readonly parser = mqttPacket.parser({ protocolVersion: 4 })
+  private readonly parser: ReturnType<typeof mqttPacket.parser>
   private waiters: (() => void)[] = []
 
-  constructor (readonly socket: Socket) {
+  /** `protocolVersion` 5 encodes and decodes MQTT 5 packets (properties, reason codes); 4 (MQTT 3.1.1) by default. */
+  constructor (readonly socket: Socket, readonly protocolVersion: 4 | 5 = 4) {
+    this.parser = mqttPacket.parser({ protocolVersion })
     this.parser.on('packet', (packet: Packet) => {
       this.packets.push(packet)
       for (const wake of this.waiters.splice(0)) wake()
@@ -22,26 +24,26 @@ export class RawClient {
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()))
   }
 
-  static async open (port: number, host = '127.0.0.1'): Promise<RawClient> {
+  static async open (port: number, host = '127.0.0.1', protocolVersion: 4 | 5 = 4): Promise<RawClient> {
     const socket = netConnect({ port, host })
     await withTimeout(new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve)
       socket.once('error', reject)
     }), 5000, `TCP connect to ${host}:${port}`)
-    return new RawClient(socket)
+    return new RawClient(socket, protocolVersion)
   }
 
   send (packet: Packet): void {
-    this.socket.write(mqttPacket.generate(packet))
+    this.socket.write(mqttPacket.generate(packet, { protocolVersion: this.protocolVersion }))
   }
 
   sendBytes (bytes: Buffer | Uint8Array): void {
     this.socket.write(bytes)
   }
 
-  /** CONNECT with sane defaults (MQTT 3.1.1, clean session, keepalive 60). */
+  /** CONNECT with sane defaults (this client's protocol version, MQTT 3.1.1 unless opened for 5; clean session, keepalive 60). */
   sendConnect (fields: Partial<mqttPacket.IConnectPacket> = {}): void {
-    this.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: true, clientId: 'raw', keepalive: 60, ...fields } as mqttPacket.IConnectPacket)
+    this.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: this.protocolVersion, clean: true, clientId: 'raw', keepalive: 60, ...fields } as mqttPacket.IConnectPacket)
   }
 
   /** Resolves with the next packet of type `cmd` (already received ones count), or rejects after `timeoutMs`. */

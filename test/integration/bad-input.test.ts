@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { connect as netConnect, type Socket } from 'node:net'
 import { dirname } from 'node:path'
-import type { MqttClient } from 'mqtt'
+import type { ErrorWithSubackPacket, MqttClient } from 'mqtt'
 import mqttPacket from 'mqtt-packet'
 import { WebSocket } from 'ws'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
@@ -586,16 +586,21 @@ describe('names of Object.prototype members', () => {
 
   it('as client ids and topics: clients connect, subscribe, publish and receive', async () => {
     const clients = await Promise.all(names.map((name) => connect(b.mqttUrl, { clientId: name })))
-    await Promise.all(clients.map((c, i) => c.subscribeAsync([names[i] as string, `${names[i]}/+`], { qos: 1 })))
+    // Every filter is granted except exactly "__proto__" (SUBACK 0x80, see authorizeSubscribe):
+    // MQTT.js rejects such a SUBSCRIBE, and the error carries the SUBACK.
+    const granted = await Promise.all(clients.map((c, i) => c.subscribeAsync([names[i] as string, `${names[i]}/+`], { qos: 1 })
+      .then((grants) => grants.map((g) => g.qos), (err: ErrorWithSubackPacket) => err.packet.granted)))
+    expect(granted).toEqual(names.map((name) => name === '__proto__' ? [0x80, 1] : [1, 1]))
     const pub = await connect(b.mqttUrl, { clientId: fresh('proto-pub') })
-    const got = clients.map((c) => collect(c, 2))
+    const got = clients.map((c, i) => collect(c, names[i] === '__proto__' ? 1 : 2))
     for (const name of names) {
       await pub.publishAsync(name, `to ${name}`, { qos: 1 })
       await pub.publishAsync(`${name}/${name}`, `below ${name}`, { qos: 0 })
     }
     for (const [i, name] of names.entries()) {
+      // "__proto__": the first message it gets is the one below (the same publisher's earlier one to "__proto__" did not come).
       expect((await got[i] as { topic: string, payload: string }[]).map((m) => [m.topic, m.payload]))
-        .toEqual([[name, `to ${name}`], [`${name}/${name}`, `below ${name}`]])
+        .toEqual(name === '__proto__' ? [[`${name}/${name}`, `below ${name}`]] : [[name, `to ${name}`], [`${name}/${name}`, `below ${name}`]])
     }
   })
 
@@ -613,7 +618,14 @@ describe('names of Object.prototype members', () => {
       expect(await again.next('connack')).toMatchObject({ returnCode: 0, sessionPresent: true })
       expect(await again.next('publish')).toMatchObject({ topic: `${name}/queued`, qos: 1 })
       again.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: name, qos: 1 }] })
-      const retained = await again.next('publish')
+      if (name === '__proto__') {
+        // The filter "__proto__" is refused (SUBACK 0x80); the retained message on that topic still
+        // comes through a wildcard (which may bring other tests' retained topics first).
+        expect(await again.next('suback')).toMatchObject({ messageId: 1, granted: [0x80] })
+        again.send({ cmd: 'subscribe', messageId: 2, subscriptions: [{ topic: '+', qos: 1 }] })
+      }
+      let retained = await again.next('publish')
+      while (retained.topic !== name) retained = await again.next('publish')
       expect([retained.topic, retained.payload.toString(), retained.retain]).toEqual([name, `retained ${name}`, true])
       await pub.publishAsync(name, '', { qos: 1, retain: true })
       again.destroy()
