@@ -372,9 +372,10 @@ export class Bridge implements BridgeSources {
   }
 
   /** Appends a routed message durably; resolves once written. Drops are counted and logged here. */
-  async enqueue (message: OutboxMessage): Promise<void> {
+  /** Appends a local message to the outbox; `extra` ops are written in the same batch. */
+  async enqueue (message: OutboxMessage, extra: StoreOp[] = []): Promise<void> {
     try {
-      const { dropped } = await this.#outbox.append(message)
+      const { dropped } = await this.#outbox.append(message, Date.now(), extra)
       if (dropped > 0) this.#dropped('outbox_full', dropped, 'bridge outbox full (outbox.maxMessages / maxBytes): its oldest unsent messages were dropped to make room')
     } catch (err) {
       if (err instanceof OutboxFullError) {

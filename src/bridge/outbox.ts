@@ -142,7 +142,7 @@ export class Outbox {
    * entries not in flight are deleted in the same batch (their count is returned), or
    * OutboxFullError is thrown and nothing is written.
    */
-  async append (message: OutboxMessage, now = Date.now()): Promise<{ dropped: number }> {
+  async append (message: OutboxMessage, now = Date.now(), extra: StoreOp[] = []): Promise<{ dropped: number }> {
     const entry: OutboxEntry = { ...message, enqueuedAt: now }
     const value = encode(entry)
     // The place in the outbox is the call order. Until this entry is written, take() hands out
@@ -150,13 +150,13 @@ export class Outbox {
     const seq = this.#next++
     this.#unwritten.add(seq)
     try {
-      return await this.#append(seq, value)
+      return await this.#append(seq, value, extra)
     } finally {
       this.#unwritten.delete(seq)
     }
   }
 
-  async #append (seq: number, value: Buffer): Promise<{ dropped: number }> {
+  async #append (seq: number, value: Buffer, extra: StoreOp[]): Promise<{ dropped: number }> {
     const ops: StoreOp[] = []
     let dropped = 0
     let droppedBytes = 0
@@ -188,7 +188,7 @@ export class Outbox {
         throw new OutboxFullError(this.#name, still, still === 'messages' ? this.#limits.maxMessages : this.#limits.maxBytes)
       }
     }
-    ops.push({ type: 'put', sublevel: this.#entries, key: this.#entryKey(seq), value })
+    ops.push({ type: 'put', sublevel: this.#entries, key: this.#entryKey(seq), value }, ...extra)
     this.#messages += 1 - dropped
     this.#bytes += value.length - droppedBytes
     ops.push(this.#counterOp())

@@ -222,6 +222,18 @@ class FerryBroker implements Broker {
         onQueueFull: (_clientId, _limit, event) => this.queueFull(event),
       })
       logger.info({ dataDir, durability: config.storage.durability }, 'store opened')
+      // Inbound QoS 2 and the bridges: a re-send found queued locally but missing from an outbox (a
+      // crash between the two writes) is appended to it before the PUBREC.
+      this.persistence.setBridging({
+        names: config.bridges.map((b) => b.name),
+        owed: (packet) => this.bridges.filter((b) => b.route(packet as unknown as LocalMessage) !== null).map((b) => b.name),
+        complete: async (packet, names) => {
+          await Promise.all(this.bridges.filter((b) => names.includes(b.name)).map(async (b) => {
+            const routed = b.route(packet as unknown as LocalMessage)
+            if (routed !== null) await b.enqueue(routed, this.bridgedMark(packet.payload, b))
+          }))
+        },
+      })
       // Before the journal replay: a replayed message owes its bridges an outbox entry too.
       for (const b of config.bridges) {
         this.bridges.push(await Bridge.open(b, this.store, {
@@ -574,13 +586,15 @@ class FerryBroker implements Broker {
     const appends: Promise<void>[] = []
     for (const b of this.bridges) {
       const routed = b.route(packet as LocalMessage)
-      if (routed !== null) appends.push(b.enqueue(routed))
+      if (routed !== null) appends.push(b.enqueue(routed, this.bridgedMark(packet.payload, b)))
     }
     if (appends.length === 0) {
       this.afterBridges(packet, done)
       return
     }
     const all = Promise.all(appends)
+    // An inbound QoS 2 message: a re-send of it arriving meanwhile waits for these appends.
+    if (packet.qos === 2) this.persistence?.noteBridging(packet.payload, all)
     if (packet.qos === 0) {
       all.catch(() => {}) // counted and logged by the bridge
       this.afterBridges(packet, done)
@@ -592,6 +606,12 @@ class FerryBroker implements Broker {
       this.logger.debug({ topic: packet.topic, err: err.message }, 'message not appended to a bridge outbox')
       done(err)
     })
+  }
+
+  /** The op marking, in the batch that appends it to `bridge`'s outbox, that an inbound QoS 2 message is there. */
+  private bridgedMark (payload: unknown, bridge: Bridge): StoreOp[] {
+    const op = this.persistence?.bridgedMarkOp(payload, bridge.name)
+    return op === undefined ? [] : [op]
   }
 
   private afterBridges (packet: AedesPublishPacket, done: (err?: Error | null) => void): void {

@@ -227,6 +227,11 @@ export class LevelPersistence {
   readonly #incomingThisRun = new Set<string>()
   #nextSessionExpiry: number | undefined = undefined
   #heldWill: (clientId: string) => boolean = () => false
+  #bridging: IncomingBridging | undefined = undefined
+  /** Payload → its `i` key, for inbound QoS 2 messages of this run (the bridges' marks are keyed by it). */
+  readonly #incomingKeyOf = new WeakMap<object, Buffer>()
+  /** By `i` key (hex): the broker's bridge appends still running for that message. */
+  readonly #bridgingNow = new Map<string, Promise<void>>()
   /** Client ids with a record in the sessions sublevel (`e`). */
   readonly #sessionIds = new Set<string>()
   /**
@@ -1092,7 +1097,52 @@ export class LevelPersistence {
     const k = this.#incomingKey(client.id, packet)
     await this.#write([{ type: 'put', sublevel: this.#incoming, key: k, value: encode(stored) }])
     this.#incomingThisRun.add(k.toString('hex'))
-    if (typeof packet.payload === 'object' && packet.payload !== null) this.#unqueuedIncoming.set(packet.payload, k)
+    if (typeof packet.payload === 'object' && packet.payload !== null) {
+      this.#unqueuedIncoming.set(packet.payload, k)
+      this.#incomingKeyOf.set(packet.payload, k)
+    }
+  }
+
+  // ---- inbound QoS 2 and bridges --------------------------------------------------------------
+
+  /**
+   * How the broker's bridges take inbound QoS 2 messages. A message is appended to each bridge's
+   * outbox after its local queue copies are written (a separate batch), with a mark per bridge in
+   * that batch (bridgedMarkOp). A re-send found as a duplicate is checked for those marks: a bridge
+   * whose append a crash (or a failed write) cut off gets the message then, before the PUBREC.
+   */
+  setBridging (bridging: IncomingBridging): void {
+    this.#bridging = bridging
+  }
+
+  /** The op that records, in the batch appending an inbound QoS 2 message to bridge `name`'s outbox, that it was appended; undefined for other messages. */
+  bridgedMarkOp (payload: unknown, name: string): StoreOp | undefined {
+    const k = typeof payload === 'object' && payload !== null ? this.#incomingKeyOf.get(payload) : undefined
+    return k === undefined ? undefined : { type: 'put', sublevel: this.#incomingPublished, key: bridgedKey(k, name), value: Buffer.alloc(0) }
+  }
+
+  /** The broker's appends of an inbound QoS 2 message to its bridges, while they run: a re-send waits for them. */
+  noteBridging (payload: unknown, appends: Promise<unknown>): void {
+    const k = typeof payload === 'object' && payload !== null ? this.#incomingKeyOf.get(payload) : undefined
+    if (k === undefined) return
+    const hex = k.toString('hex')
+    const settled = appends.then(() => {}, () => {})
+    this.#bridgingNow.set(hex, settled)
+    void settled.then(() => { if (this.#bridgingNow.get(hex) === settled) this.#bridgingNow.delete(hex) })
+  }
+
+  /** Appends `stored` (found as a re-send under `k`) to the bridges that take it and have no mark for it. */
+  async #completeBridging (k: Buffer, stored: PacketLike): Promise<void> {
+    const bridging = this.#bridging
+    if (bridging === undefined) return
+    await this.#bridgingNow.get(k.toString('hex'))
+    const missing: string[] = []
+    for (const name of bridging.owed(stored)) {
+      if (await this.#incomingPublished.get(bridgedKey(k, name)) === undefined) missing.push(name)
+    }
+    if (missing.length === 0) return
+    if (typeof stored.payload === 'object' && stored.payload !== null) this.#incomingKeyOf.set(stored.payload, k)
+    await bridging.complete(stored, missing)
   }
 
   /**
@@ -1127,6 +1177,15 @@ export class LevelPersistence {
     // Stored by a process that died before the message was queued (no mark): aedes would answer
     // the client's re-send with PUBREC and never publish it. Reported absent, it is published now.
     if (!this.#incomingThisRun.has(k.toString('hex')) && await this.#incomingPublished.get(k) === undefined) return undefined
+    // Queued locally, but maybe not in every bridge's outbox: those get it now. If that fails the
+    // re-send is reported absent: published again (a local duplicate) rather than lost upstream.
+    if (packet.cmd === 'publish') {
+      try {
+        await this.#completeBridging(k, stored)
+      } catch {
+        return undefined
+      }
+    }
     return stored
   }
 
@@ -1134,7 +1193,11 @@ export class LevelPersistence {
   async incomingDelPacket (client: PersistenceClient, packet: { messageId?: number }): Promise<void> {
     const k = this.#incomingKey(client.id, packet)
     if (await this.#incoming.get(k) === undefined) throw new Error('no such packet')
-    await this.#write([{ type: 'del', sublevel: this.#incoming, key: k }, { type: 'del', sublevel: this.#incomingPublished, key: k }])
+    await this.#write([
+      { type: 'del', sublevel: this.#incoming, key: k },
+      { type: 'del', sublevel: this.#incomingPublished, key: k },
+      ...(this.#bridging?.names ?? []).map((name): StoreOp => ({ type: 'del', sublevel: this.#incomingPublished, key: bridgedKey(k, name) })),
+    ])
     this.#incomingThisRun.delete(k.toString('hex'))
   }
 
@@ -1460,4 +1523,19 @@ function readSessionValue (v: Buffer): SessionRecord {
   if (typeof extra.x === 'number') record.expirySeconds = extra.x
   if (typeof extra.w === 'number') record.willAt = extra.w
   return record
+}
+
+/** What LevelPersistence needs to know of the broker's bridges for inbound QoS 2 (see setBridging). */
+export interface IncomingBridging {
+  /** Every bridge's name (their marks are deleted with the message). */
+  names: string[]
+  /** The names of the bridges whose out-mappings take `packet`. */
+  owed (packet: PacketLike): string[]
+  /** Appends `packet` to the outboxes of bridges `names`, each with its bridgedMarkOp in the same batch. */
+  complete (packet: PacketLike, names: string[]): Promise<void>
+}
+
+/** The mark that an inbound QoS 2 message under `i` key `k` is in bridge `name`'s outbox (sublevel `I`). */
+function bridgedKey (k: Buffer, name: string): Buffer {
+  return key(k, Buffer.from([0]), utf8(name))
 }
