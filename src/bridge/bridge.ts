@@ -11,6 +11,7 @@ import type { StoreOp } from '../store/writer.js'
 import { IncomingStore } from './incoming.js'
 import { mappingProblem, toLocal, toRemote, remoteFilter, type TopicMapping } from './mapping.js'
 import { isExpired, Outbox, OutboxFullError, type OutboxMessage, type Queued } from './outbox.js'
+import { messageExpiryInterval, messageProperties, type MessageProperties } from './properties.js'
 
 /*
  * One store-and-forward bridge: a durable outbox on the local side, one MQTT.js connection to the
@@ -27,12 +28,18 @@ import { isExpired, Outbox, OutboxFullError, type OutboxMessage, type Queued } f
  * finished in the same upstream session with the right packet (PUBLISH with DUP, or PUBREL).
  */
 
+/** MQTT 5 properties of a message that came in through a bridge: those of the application message, and its remaining expiry. */
+export type InboundProperties = MessageProperties & { messageExpiryInterval?: number }
+
 /** The local side of a bridge, given by the broker. */
 export interface BridgeHost {
   logger: Logger
   metrics: Metrics
-  /** Publishes an inbound message locally; resolves once every copy is stored (then it is acknowledged upstream). */
-  publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean, onQueued?: StoreOp[] }): Promise<void>
+  /**
+   * Publishes an inbound message locally, with its MQTT 5 properties when it has any (absent from
+   * a 3.1.1 upstream); resolves once every copy is stored (then it is acknowledged upstream).
+   */
+  publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean, properties?: InboundProperties, onQueued?: StoreOp[] }): Promise<void>
   /** Publishes a $SYS message (QoS 0). */
   sys (topic: string, payload: string): void
 }
@@ -60,7 +67,8 @@ export interface LocalMessage {
   payload: Buffer
   qos: 0 | 1 | 2
   retain: boolean
-  properties?: { messageExpiryInterval?: number }
+  /** MQTT 5 properties (aedes' packet): route() keeps the application message's and the expiry. */
+  properties?: InboundProperties & { topicAlias?: number, subscriptionIdentifier?: number | number[] }
 }
 
 /** How long stop() waits for messages in flight to be acknowledged. */
@@ -348,13 +356,18 @@ export class Bridge implements BridgeSources {
     for (const m of this.#out) {
       const remote = toRemote(m, message.topic)
       if (remote === null) continue
-      const expiry = message.properties?.messageExpiryInterval
+      const expiry = messageExpiryInterval(message.properties)
+      // The application message's properties, whatever the upstream's version (the link decides
+      // when it sends: an entry outlives the connection, and the configured version may change).
+      // The Response Topic goes as it is: mappings rename the message's topic only, as Mosquitto's.
+      const properties = messageProperties(message.properties)
       return {
         topic: remote,
         payload: message.payload,
         qos: Math.min(message.qos, m.qos) as 0 | 1 | 2,
         retain: message.retain,
         ...(expiry === undefined ? {} : { messageExpiry: expiry }),
+        ...(properties === undefined ? {} : { properties }),
       }
     }
     return null
@@ -675,8 +688,12 @@ export class Bridge implements BridgeSources {
   #publish (link: Link, q: Queued): void {
     const e = q.entry
     const opts: IClientPublishOptions = { qos: e.qos, retain: e.retain }
-    if (this.#config.protocolVersion === 5 && e.messageExpiry !== undefined) {
-      opts.properties = { messageExpiryInterval: Math.max(1, Math.ceil(e.messageExpiry - (Date.now() - e.enqueuedAt) / 1000)) }
+    // MQTT 5 upstream: the message's properties and its remaining expiry. 3.1.1 has no properties.
+    if (this.#config.protocolVersion === 5 && (e.messageExpiry !== undefined || e.properties !== undefined)) {
+      opts.properties = {
+        ...e.properties,
+        ...(e.messageExpiry === undefined ? {} : { messageExpiryInterval: Math.max(1, Math.ceil(e.messageExpiry - (Date.now() - e.enqueuedAt) / 1000)) }),
+      }
     }
     const sentAt = performance.now()
     if (e.qos === 0) {
@@ -777,7 +794,7 @@ export class Bridge implements BridgeSources {
   // ---- inbound ----
 
   #inbound (link: Link, packet: Packet, cb: (err?: Error) => void, incoming: IncomingStore): void {
-    const p = packet as unknown as { topic: string, payload: Buffer | string, qos: 0 | 1 | 2, retain: boolean, messageId?: number }
+    const p = packet as unknown as { topic: string, payload: Buffer | string, qos: 0 | 1 | 2, retain: boolean, messageId?: number, properties?: unknown, messageExpiry?: number }
     let local: string | null = null
     for (const m of this.#in) {
       local = toLocal(m, p.topic)
@@ -787,13 +804,37 @@ export class Bridge implements BridgeSources {
       cb()
       return
     }
+    // MQTT 5 upstream: the application message's properties go with it, and its expiry, counted
+    // from when it arrived (a QoS 2 message waited for its PUBREL in IncomingStore, which keeps
+    // the deadline as `messageExpiry`), so local subscribers and queues honour what is left.
+    const now = Date.now()
+    const interval = messageExpiryInterval(p.properties)
+    const deadline = p.messageExpiry ?? (interval === undefined ? undefined : now + interval * 1000)
+    if (deadline !== undefined && deadline <= now) {
+      // Expired while it waited (a restart between PUBREC and PUBREL): acknowledged, not delivered.
+      this.#host.metrics.bridgeExpired.inc({ bridge: this.name })
+      this.#host.logger.info({ bridge: this.name, topic: local }, 'bridge: inbound message expired before its PUBREL; acknowledged upstream, not published')
+      cb()
+      return
+    }
+    const app = messageProperties(p.properties)
+    const properties: InboundProperties | undefined = deadline === undefined
+      ? app
+      : { ...app, messageExpiryInterval: Math.max(1, Math.ceil((deadline - now) / 1000)) }
     // A copy of our own, so the mark below names this message only.
     const payload = Buffer.from(p.payload)
     this.#injected.add(payload)
     // QoS 2: the stored state goes in the batch that queues the local copies, so a crash never
     // leaves both (a PUBREL after the restart would deliver it again).
     const onQueued = p.qos === 2 && p.messageId !== undefined ? [incoming.deleteOp(p.messageId)] : undefined
-    this.#host.publishLocal(this, { topic: local, payload, qos: p.qos, retain: p.retain, ...(onQueued === undefined ? {} : { onQueued }) }).then(() => {
+    this.#host.publishLocal(this, {
+      topic: local,
+      payload,
+      qos: p.qos,
+      retain: p.retain,
+      ...(properties === undefined ? {} : { properties }),
+      ...(onQueued === undefined ? {} : { onQueued }),
+    }).then(() => {
       this.#host.metrics.bridgeForwarded.inc({ bridge: this.name, direction: 'in' })
       cb()
     }, (err: Error) => {

@@ -4,6 +4,7 @@ import { decode, encode } from '../store/codec.js'
 import { key, prefixRange, str, u16 } from '../store/keys.js'
 import type { Store } from '../store/open.js'
 import { sublevelOf, type StoreOp, type Sublevel } from '../store/writer.js'
+import { messageExpiryInterval, messageProperties, type MessageProperties } from './properties.js'
 
 /*
  * The bridge's inbound QoS 2 state, on disk:
@@ -14,9 +15,24 @@ import { sublevelOf, type StoreOp, type Sublevel } from '../store/writer.js'
  * (handleMessage) when the PUBREL comes. With its in-memory default, a restart between the two
  * loses the message: the upstream has had its PUBREC and only sends PUBREL, which MQTT.js then
  * answers with PUBCOMP without delivering anything. Kept on disk, the PUBREL finds it.
+ *
+ * An entry is a MessagePack map: topic, payload, qos, retain, messageId, and only when the PUBLISH
+ * had them (MQTT 5) `properties`, the application message's (see properties.ts), and
+ * `messageExpiry`, the absolute deadline (ms since the epoch) of its Message Expiry Interval, so
+ * the time spent waiting for the PUBREL (a restart included) counts. Entries written without
+ * them (older builds) decode as messages without properties.
  */
 
-interface StoredPublish { topic: string, payload: Buffer, qos: number, retain: boolean, messageId: number }
+interface StoredPublish {
+  topic: string
+  payload: Buffer
+  qos: number
+  retain: boolean
+  messageId: number
+  properties?: MessageProperties
+  /** ms since the epoch: when the message expires (MQTT 5 Message Expiry Interval from its arrival). */
+  messageExpiry?: number
+}
 
 export class IncomingStore implements IStore {
   readonly #store: Store
@@ -33,8 +49,19 @@ export class IncomingStore implements IStore {
   }
 
   put (packet: Packet, cb: (err?: Error) => void): this {
-    const p = packet as unknown as StoredPublish
-    const value = encode({ topic: p.topic, payload: Buffer.from(p.payload), qos: p.qos, retain: p.retain, messageId: p.messageId })
+    const p = packet as unknown as StoredPublish & { properties?: unknown }
+    const properties = messageProperties(p.properties)
+    const interval = messageExpiryInterval(p.properties)
+    const stored: StoredPublish = {
+      topic: p.topic,
+      payload: Buffer.from(p.payload),
+      qos: p.qos,
+      retain: p.retain,
+      messageId: p.messageId,
+      ...(properties === undefined ? {} : { properties }),
+      ...(interval === undefined ? {} : { messageExpiry: Date.now() + interval * 1000 }),
+    }
+    const value = encode(stored)
     this.#store.writer.write([{ type: 'put', sublevel: this.#entries, key: this.#key(p.messageId), value }]).then(() => cb(), (err: Error) => {
       // MQTT.js sends PUBREC whatever the put reports: not calling back keeps it from acknowledging.
       this.#failed(err)

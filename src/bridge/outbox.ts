@@ -2,6 +2,7 @@ import { decode, encode } from '../store/codec.js'
 import { key, prefixRange, readU64, str, u64 } from '../store/keys.js'
 import { META, type Store } from '../store/open.js'
 import { sublevelOf, type StoreOp, type Sublevel } from '../store/writer.js'
+import type { MessageProperties } from './properties.js'
 
 /*
  * A bridge's outbox: the messages an out-mapping owes the upstream broker, on disk, in order.
@@ -13,6 +14,13 @@ import { sublevelOf, type StoreOp, type Sublevel } from '../store/writer.js'
  * store's durability mode says. Sequence numbers are the bridge's own: the next one is one past
  * the last key at open. An entry's packet id is stored with it before a QoS 2 message is sent, so
  * after a restart it is re-sent under the same id (exactly once upstream).
+ *
+ * An entry is a MessagePack map (store codec version 1) of the OutboxEntry fields that are set:
+ * topic, payload, qos, retain, enqueuedAt, and only when present messageExpiry, properties (the
+ * MQTT 5 application-message properties: userProperties, contentType, correlationData,
+ * responseTopic, payloadFormatIndicator, each only when present), packetId and released. An absent
+ * field costs nothing, so entries written before `properties` existed decode as messages without
+ * them, and an older build reading a newer entry ignores the field it does not know.
  */
 
 /** What the outbox keeps of a message. */
@@ -23,6 +31,8 @@ export interface OutboxMessage {
   retain: boolean
   /** MQTT 5 message expiry, seconds from `enqueuedAt`. */
   messageExpiry?: number
+  /** MQTT 5 properties of the application message (never topic alias or subscription identifier); absent when none. */
+  properties?: MessageProperties
 }
 
 export interface OutboxEntry extends OutboxMessage {
@@ -144,6 +154,9 @@ export class Outbox {
    */
   async append (message: OutboxMessage, now = Date.now(), extra: StoreOp[] = []): Promise<{ dropped: number }> {
     const entry: OutboxEntry = { ...message, enqueuedAt: now }
+    // An optional field left undefined would be stored (the codec keeps own undefined fields): absent costs nothing.
+    if (entry.messageExpiry === undefined) delete entry.messageExpiry
+    if (entry.properties === undefined) delete entry.properties
     const value = encode(entry)
     // The place in the outbox is the call order. Until this entry is written, take() hands out
     // nothing from here on, so a later append written first cannot overtake it.

@@ -787,12 +787,13 @@ class FerryBroker implements Broker {
   }
 
   /** Publishes a message that came in through a bridge; resolves once every local copy is stored. */
-  private async publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean, onQueued?: StoreOp[] }): Promise<void> {
+  private async publishLocal (bridge: Bridge, message: { topic: string, payload: Buffer, qos: 0 | 1 | 2, retain: boolean, properties?: LocalMessage['properties'], onQueued?: StoreOp[] }): Promise<void> {
     const aedes = this.aedes
     if (aedes === null || aedes.closed) throw new Error('the broker is stopping')
     bridge.markInjected(message.payload)
     if (message.onQueued !== undefined) this.persistence?.writeWithQueued(message.payload, message.onQueued)
-    const packet = { cmd: 'publish' as const, topic: message.topic, payload: message.payload, qos: message.qos, retain: message.retain, dup: false }
+    // MQTT 5 properties from the upstream go with it (aedes turns the expiry interval into a deadline).
+    const packet = { cmd: 'publish' as const, topic: message.topic, payload: message.payload, qos: message.qos, retain: message.retain, dup: false, ...(message.properties === undefined ? {} : { properties: message.properties }) }
     await new Promise<void>((resolve, reject) => aedes.publish(packet as PublishPacket, (err?: Error | null) => (err ? reject(err) : resolve())))
   }
 

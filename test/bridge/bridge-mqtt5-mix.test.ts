@@ -197,12 +197,9 @@ describe.skipIf(!hasMosquitto())('MQTT 5 local clients, bridge to Mosquitto (nee
     expect(tracker.arrivals).toEqual([0, 1, 2, 3])
   }, 40_000)
 
-  // GAP (src/bridge): the outbox keeps topic, payload, QoS, retain and the message expiry of a
-  // message, nothing else (OutboxMessage in src/bridge/outbox.ts; Bridge.route() copies only
-  // properties.messageExpiryInterval, and #publish() sends only that property upstream). User
-  // properties, content type, correlation data, response topic and the payload format indicator
-  // of a local v5 publisher are dropped on an MQTT 5 bridge. Remove `.fails` once they are carried.
-  it.fails('bridge on MQTT 5: user properties, content type, correlation data, response topic and payload format of a local v5 message arrive at a v5 subscriber on Mosquitto', async () => {
+  // The outbox entry keeps the application message's properties (src/bridge/properties.ts); the
+  // Response Topic is passed unchanged by the mapping (remotePrefix 'site/'), as Mosquitto's bridge does.
+  it('bridge on MQTT 5: user properties, content type, correlation data, response topic and payload format of a local v5 message arrive at a v5 subscriber on Mosquitto', async () => {
     up = await startMosquitto()
     edge = await startEdge([{ name: 'cloud', url: up.url, protocolVersion: 5, clientId: 'edge-mix-b2', ...FAST, topics: [{ pattern: 'telemetry/#', direction: 'out', qos: 2, remotePrefix: 'site/' }] }])
     const cloud = await connect5(up.url, { clientId: 'cloud-sub-b2' })
@@ -263,11 +260,9 @@ describe.skipIf(!hasMosquitto())('MQTT 5 local clients, bridge to Mosquitto (nee
     }, 40_000)
   }
 
-  // GAP (src/bridge): inbound, Bridge.#inbound() hands the local broker topic, payload, QoS and
-  // retain only (BridgeHost.publishLocal has no properties; IncomingStore keeps none for QoS 2),
-  // so a v5 upstream publisher's user properties (and content type, correlation data, message
-  // expiry, ...) never reach a local v5 subscriber, even on an MQTT 5 bridge. Remove `.fails` once carried.
-  it.fails('inbound over MQTT 5: the user properties and content type of a v5 publisher on Mosquitto reach a local v5 subscriber', async () => {
+  // Inbound, the properties go to BridgeHost.publishLocal; QoS 2 ones wait for the PUBREL in
+  // IncomingStore with the message.
+  it('inbound over MQTT 5: the user properties and content type of a v5 publisher on Mosquitto reach a local v5 subscriber', async () => {
     up = await startMosquitto()
     edge = await startEdge([{ name: 'cloud', url: up.url, protocolVersion: 5, clientId: 'edge-mix-c-props', ...FAST, topics: [{ pattern: 'cmd/#', direction: 'in', qos: 2, remotePrefix: 'site/' }] }])
     const v5sub = await connect5(edge.mqttUrl, { clientId: 'local-v5-sub-props' })
@@ -281,6 +276,40 @@ describe.skipIf(!hasMosquitto())('MQTT 5 local clients, bridge to Mosquitto (nee
     for (const m of messages) {
       expect({ user: m.properties?.userProperties, contentType: m.properties?.contentType }, `${m.payload.toString()} (QoS ${m.qos}): ${JSON.stringify(m.properties)}`)
         .toEqual({ user: { from: 'cloud' }, contentType: 'text/plain' })
+    }
+  }, 30_000)
+
+  it('inbound over MQTT 5: a message\'s expiry interval goes with it, to a live local subscriber and into an offline session\'s queue (the remaining interval is sent), with its other properties', async () => {
+    up = await startMosquitto()
+    edge = await startEdge([{ name: 'cloud', url: up.url, protocolVersion: 5, clientId: 'edge-mix-c-exp', ...FAST, topics: [{ pattern: 'cmd/#', direction: 'in', qos: 2, remotePrefix: 'site/' }] }])
+    const session = { clientId: 'local-v5-exp-queued', clean: false, properties: { sessionExpiryInterval: 600 } }
+    const live = await connect5(edge.mqttUrl, { clientId: 'local-v5-exp-live' })
+    let queued = await connect5(edge.mqttUrl, session)
+    await live.subscribeAsync('cmd/#', { qos: 2 })
+    await queued.subscribeAsync('cmd/#', { qos: 2 })
+    const cloud = await connect5(up.url, { clientId: 'cloud-pub-c-exp' })
+    await untilArrives(live, 'cmd/probe', async () => await cloud.publishAsync('site/cmd/probe', 'probe', { qos: 1 }))
+    await untilArrives(queued, 'cmd/probe', async () => await cloud.publishAsync('site/cmd/probe', 'probe', { qos: 1 }))
+    await queued.endAsync()
+    const liveInbox = new Inbox(live, (t) => t === 'cmd/exp')
+    const before = await metric(edge, 'ferrymq_bridge_forwarded_total', { bridge: 'cloud', direction: 'in' }) ?? 0
+    const props = { messageExpiryInterval: 600, userProperties: { k: ['1', '2'] }, correlationData: Buffer.from([1, 2, 3]), responseTopic: 'site/reply/x' }
+    await cloud.publishAsync('site/cmd/exp', 'one', { qos: 1, properties: props })
+    await cloud.publishAsync('site/cmd/exp', 'two', { qos: 2, properties: props })
+    // Both are stored locally (the offline session's queue included) once counted as forwarded in.
+    await metricUntil(edge, 'ferrymq_bridge_forwarded_total', { bridge: 'cloud', direction: 'in' }, (v) => v >= before + 2)
+    queued = await connect5(edge.mqttUrl, session)
+    const queuedInbox = new Inbox(queued, (t) => t === 'cmd/exp')
+    for (const [label, inbox] of [['live', liveInbox], ['queued', queuedInbox]] as const) {
+      const messages = await inbox.count(2)
+      expect(messages.map((m) => [m.payload.toString(), m.qos]), label).toEqual([['one', 1], ['two', 2]])
+      for (const m of messages) {
+        const what = `${label} ${m.payload.toString()}: ${JSON.stringify(m.properties)}`
+        expect(m.properties?.messageExpiryInterval, what).toBeGreaterThan(0)
+        expect(m.properties?.messageExpiryInterval, what).toBeLessThanOrEqual(600)
+        expect({ user: m.properties?.userProperties, correlationData: m.properties?.correlationData, responseTopic: m.properties?.responseTopic }, what)
+          .toEqual({ user: { k: ['1', '2'] }, correlationData: Buffer.from([1, 2, 3]), responseTopic: 'site/reply/x' })
+      }
     }
   }, 30_000)
 })

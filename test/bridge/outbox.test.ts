@@ -1,6 +1,9 @@
 import { afterAll, describe, expect, it } from 'vitest'
 import { isExpired, Outbox, OutboxFullError, type OutboxLimits, type OutboxMessage, type Queued } from '../../src/bridge/outbox.js'
+import { encode } from '../../src/store/codec.js'
+import { key, str, u64 } from '../../src/store/keys.js'
 import { openStore, type Store } from '../../src/store/open.js'
+import { sublevelOf } from '../../src/store/writer.js'
 import { removeTempDirs, tempDir } from '../store/helpers.js'
 
 afterAll(removeTempDirs)
@@ -192,5 +195,69 @@ describe('bridge Outbox (LevelDB)', () => {
     expect(outbox.size.messages).toBe(6)
     await store.close()
   })
-})
 
+  it('MQTT 5 properties (repeated user property keys, correlation data as a Buffer) are kept across a reopen; a message without them stores nothing for them', async () => {
+    const dir = tempDir()
+    let { store, outbox } = await open(dir)
+    const properties = {
+      userProperties: { site: 'edge-7', tag: ['a', 'b'] },
+      contentType: 'application/json',
+      correlationData: Buffer.from([0xde, 0xad, 0, 1]),
+      responseTopic: 'reply/edge-7',
+      payloadFormatIndicator: true,
+    }
+    const t0 = 1_000_000
+    await outbox.append(msg(0, { properties, messageExpiry: 600, qos: 2 }), t0)
+    await outbox.append(msg(1), t0)
+    await outbox.append(msg(2, { properties: undefined, messageExpiry: undefined }), t0)
+    await outbox.append(msg(3, { properties: { contentType: 'text/plain' } }), t0)
+    const bytes = outbox.size.bytes
+    await store.close()
+
+    ;({ store, outbox } = await open(dir))
+    expect(outbox.size).toEqual({ messages: 4, bytes })
+    const [a, b, c, d] = await outbox.take(10) as [Queued, Queued, Queued, Queued]
+    expect(a.entry.properties).toEqual(properties)
+    expect(Buffer.isBuffer(a.entry.properties?.correlationData)).toBe(true)
+    expect([a.entry.messageExpiry, a.entry.qos, a.entry.enqueuedAt]).toEqual([600, 2, t0])
+    expect(d.entry.properties).toEqual({ contentType: 'text/plain' })
+    // Absent properties cost nothing: the entry is what it was before properties existed.
+    for (const q of [b, c]) {
+      expect(Object.keys(q.entry).sort()).toEqual(['enqueuedAt', 'payload', 'qos', 'retain', 'topic'])
+      expect(q.size).toBe(encode({ topic: 'site/t', payload: q.entry.payload, qos: 1, retain: false, enqueuedAt: t0 }).length)
+    }
+    // The PUBREC state and packet id updates keep them.
+    await outbox.assignPacketId(a, 5)
+    await outbox.markReleased(a)
+    outbox.release(a)
+    await store.close()
+    ;({ store, outbox } = await open(dir))
+    const [again] = await outbox.take(1) as [Queued]
+    expect([again.entry.properties, again.entry.packetId, again.entry.released]).toEqual([properties, 5, true])
+    await store.close()
+  })
+
+  it('an entry written before properties were kept (old format, bytes as stored then) still decodes and is sent; new entries go after it', async () => {
+    const dir = tempDir()
+    let store = await openStore(dir, 'fsync')
+    // encode({ topic: 'site/old', payload: 'legacy', qos: 2, retain: true, messageExpiry: 3600,
+    // enqueuedAt: 1_700_000_000_000, packetId: 9 }) as the outbox wrote it, with no counters
+    // (rebuilt by a scan at open).
+    const old = Buffer.from('01de0007a5746f706963a8736974652f6f6c64a77061796c6f6164c4066c6567616379a3716f7302a672657461696ec3ad6d657373616765457870697279cd0e10aa656e7175657565644174cb4278bcfe56800000a87061636b6574496409', 'hex')
+    await store.writer.write([{ type: 'put', sublevel: sublevelOf(store.db, 'b'), key: key(str('cloud'), u64(0)), value: old }])
+    await store.close()
+
+    const opened = await open(dir)
+    store = opened.store
+    const outbox = opened.outbox
+    expect(outbox.size).toEqual({ messages: 1, bytes: old.length })
+    expect([...await outbox.storedPacketIds()]).toEqual([9])
+    await outbox.append(msg(1, { properties: { userProperties: { k: 'v' } } }))
+    const [first, second] = await outbox.take(10) as [Queued, Queued]
+    expect(first.entry).toEqual({ topic: 'site/old', payload: Buffer.from('legacy'), qos: 2, retain: true, messageExpiry: 3600, enqueuedAt: 1_700_000_000_000, packetId: 9 })
+    expect(first.entry.properties).toBeUndefined()
+    expect(second.entry.properties).toEqual({ userProperties: { k: 'v' } })
+    expect(second.seq).toBe(1)
+    await store.close()
+  })
+})
