@@ -344,6 +344,26 @@ class RawV5 {
 const raws = new Set<RawV5>()
 afterEach(() => { for (const w of raws) w.destroy() })
 
+/**
+ * Starts the publishers and kills the broker (SIGKILL) from the acknowledgement that brings their
+ * total to `target`; resolves once the process has exited.
+ */
+async function killAfterAcks (publishers: Publisher[], target: number, broker: { killNow: () => void, exited: (ms: number) => Promise<unknown> }): Promise<void> {
+  let killed = false
+  const total = (): number => publishers.reduce((n, p) => n + p.acked.size, 0)
+  for (const p of publishers) {
+    p.onAck = () => {
+      if (!killed && total() >= target) {
+        killed = true
+        broker.killNow()
+        for (const q of publishers) q.stop()
+      }
+    }
+  }
+  for (const p of publishers) p.start()
+  await broker.exited(30_000)
+}
+
 describe('kill -9 with MQTT 5 clients (--durability fsync)', () => {
   it('QoS 1: every message acknowledged to a v5 publisher (PUBACK reason < 0x80) reaches the persistent v5 subscriber, in order per publisher, over 8 kill rounds', async () => {
     const ROUNDS = 8
@@ -371,20 +391,7 @@ describe('kill -9 with MQTT 5 clients (--durability fsync)', () => {
       if (!online) await sub.endAsync()
 
       const publishers = await Promise.all(ids.map(async (id) => new Publisher(id, 1, await connect5(broker.url, id, SESSION))))
-      let killed = false
-      const total = (): number => publishers.reduce((n, p) => n + p.acked.size, 0)
-      for (const p of publishers) {
-        p.onAck = () => {
-          if (!killed && total() >= target) {
-            killed = true
-            broker.killNow()
-            for (const q of publishers) q.stop()
-          }
-        }
-      }
-      for (const p of publishers) p.start()
-      // The kill comes from an acknowledgement (onAck above); bounded by the exit timeout.
-      await broker.exited(30_000)
+      await killAfterAcks(publishers, target, broker)
       // Snapshot first: an acknowledgement still in the socket buffer counts too (it was sent before the kill).
       for (const p of publishers) p.ackedBeforeKill = new Set(p.acked)
       // What was not acknowledged is not promised: the publishers give up (no re-send, unlike the QoS 2 test).
@@ -459,20 +466,7 @@ describe('kill -9 with MQTT 5 clients (--durability fsync)', () => {
         p.client.on('connect', (connack) => connacks.push(connack))
         return connacks
       })
-      let killed = false
-      const total = (): number => publishers.reduce((n, p) => n + p.acked.size, 0)
-      for (const p of publishers) {
-        p.onAck = () => {
-          if (!killed && total() >= target) {
-            killed = true
-            broker.killNow()
-            for (const q of publishers) q.stop()
-          }
-        }
-      }
-      for (const p of publishers) p.start()
-      // The kill comes from an acknowledgement (onAck above); bounded by the exit timeout.
-      await broker.exited(30_000)
+      await killAfterAcks(publishers, target, broker)
       for (const p of publishers) p.ackedBeforeKill = new Set(p.acked)
       if (online) sub.end(true)
 
