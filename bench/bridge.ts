@@ -124,13 +124,14 @@ const drain: Scenario = {
   async run (peer, options) {
     const { upstream, link } = uplinkOf(peer)
     const total = drainTotal(options)
+    const { protocol } = options
     // At least 2,000 msg/s, or something is broken (1M: 500 s each for the fill and the drain).
     const timeoutMs = Math.max(120_000, total / 2)
-    const sub = await openSubscriber(upstream.port, 'bench-upstream-sub', 'telemetry/#', 1)
+    const sub = await openSubscriber(upstream.port, 'bench-upstream-sub', 'telemetry/#', 1, { protocol })
     try {
       const fillStart = performance.now()
       await publishAcknowledged(peer.port, {
-        topic: BRIDGE_TOPIC, total, payloadSize: PAYLOAD, connections: 10, window: 100, clientIdPrefix: 'bench-bridge-pub-', timeoutMs,
+        topic: BRIDGE_TOPIC, total, payloadSize: PAYLOAD, connections: 10, window: 100, clientIdPrefix: 'bench-bridge-pub-', timeoutMs, protocol,
       })
       // FerryMQ acknowledges a QoS 1 PUBLISH once it is journaled; the outbox append follows.
       if (peer.httpPort !== undefined) {
@@ -179,17 +180,17 @@ const publishCost: Scenario = {
   onRequest: true,
   applies: bridgeCapable,
   prepare: async () => await prepareUplink(true),
-  async run (peer, { durationMs }) {
+  async run (peer, { durationMs, protocol }) {
     const { upstream } = uplinkOf(peer)
-    const edgeSub = await openSubscriber(peer.port, 'bench-edge-sub', '#', 1)
-    const upSub = await openSubscriber(upstream.port, 'bench-upstream-sub', 'telemetry/#', 1)
+    const edgeSub = await openSubscriber(peer.port, 'bench-edge-sub', '#', 1, { protocol })
+    const upSub = await openSubscriber(upstream.port, 'bench-upstream-sub', 'telemetry/#', 1, { protocol })
     const results = new Map<'without' | 'with', { throughput: number, forwarded: number }>()
     try {
       const order: Array<'without' | 'with'> = costRuns++ % 2 === 0 ? ['without', 'with'] : ['with', 'without']
       for (const half of order) {
         const pubs = await startPublishers({
           port: peer.port, connections: 10, clientIdPrefix: `bench-cost-${half}-`, topicPrefix: half === 'with' ? 'telemetry/fanin/' : 'bench/fanin/', qos: 1,
-          payloadSize: PAYLOAD, window: 100, durationMs, rate: 0, timestamp: false,
+          payloadSize: PAYLOAD, window: 100, durationMs, rate: 0, timestamp: false, protocol,
         })
         const before = edgeSub.received
         const upBefore = upSub.received

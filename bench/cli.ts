@@ -37,6 +37,7 @@ ${Object.entries(SUITES).map(([name, s]) => `                           ${name}:
   --duration MS          measured window of a throughput run (default 2000 quick, 5000 full)
   --json FILE            write the JSON result here instead of bench/results/
   --name NAME            results file name suffix (default: quick or full)
+  --protocol 4|5         MQTT version of every client the load generator opens (default 4, 3.1.1); 5 adds -v5 to the default name
   --no-ceiling           skip the load generator's ceiling (runs against a discard sink)
   --profile DIR          run FerryMQ under node --cpu-prof, profiles into DIR
   --help
@@ -57,6 +58,7 @@ async function main (): Promise<number> {
       duration: { type: 'string' },
       json: { type: 'string' },
       name: { type: 'string' },
+      protocol: { type: 'string', default: '4' },
       'no-ceiling': { type: 'boolean', default: false },
       profile: { type: 'string' },
       help: { type: 'boolean', default: false },
@@ -81,6 +83,8 @@ async function main (): Promise<number> {
   const durationMs = Number(values.duration ?? (full ? 5000 : 2000))
   if (!Number.isInteger(reps) || reps < 1) throw new Error(`--reps: expected a whole number ≥ 1, got ${values.reps}`)
   if (!Number.isInteger(durationMs) || durationMs < 200) throw new Error(`--duration: expected milliseconds ≥ 200, got ${values.duration}`)
+  if (values.protocol !== '4' && values.protocol !== '5') throw new Error(`--protocol: expected 4 (MQTT 3.1.1) or 5, got ${values.protocol}`)
+  const protocol = values.protocol === '5' ? 5 : 4
 
   const started = Date.now()
   const result = await runBench({
@@ -91,11 +95,12 @@ async function main (): Promise<number> {
     quick: !full,
     durationMs,
     ceiling: values['no-ceiling'] !== true,
+    protocol,
     ...(values.profile === undefined ? {} : { profileDir: values.profile }),
     progress: (line) => process.stderr.write(`${line}  (${Math.round((Date.now() - started) / 1000)} s)\n`),
   })
 
-  const name = `${result.date.slice(0, 10)}-${values.name ?? values.suite ?? result.mode}`
+  const name = `${result.date.slice(0, 10)}-${values.name ?? `${values.suite ?? result.mode}${protocol === 5 ? '-v5' : ''}`}`
   const jsonPath = values.json ?? join(RESULTS, `${name}.json`)
   mkdirSync(dirname(jsonPath), { recursive: true })
   mkdirSync(RESULTS, { recursive: true })

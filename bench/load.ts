@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads'
 import type { PublisherJob, PublisherResult } from './publisher-worker.js'
-import { PUBLISH, PUBREL, PUBACK, PUBREC, PUBCOMP, ackPacket, messageIdOffset, openSession, publishBodyParts, publishPacket, subscribe, type Session } from './wire.js'
+import { PUBLISH, PUBREL, PUBACK, PUBREC, PUBCOMP, ackPacket, messageIdOffset, openSession, publishBodyParts, publishBodyParts5, publishPacket, subscribe, type Protocol, type Session } from './wire.js'
 
 const WORKER = new URL('./worker-entry.mjs', import.meta.url)
 
@@ -32,18 +32,21 @@ export async function startPublishers (job: PublisherJob): Promise<{ go (): Prom
 /**
  * A subscriber on the bench's own thread: counts PUBLISH packets and answers each QoS handshake,
  * batching its acknowledgements per read. `onMessage` sees each PUBLISH body (for timestamps).
+ * An MQTT 5 session's PUBLISH bodies carry properties before the payload; its acknowledgements
+ * are the same bare four bytes (reason code 0, no properties).
  */
 export class Subscriber {
   received = 0
   private acks: Buffer[] = []
 
   constructor (readonly session: Session, onMessage?: (body: Buffer, payloadAt: number) => void) {
+    const parts = session.protocol === 5 ? publishBodyParts5 : publishBodyParts
     session.onFrame((type, flags, body) => {
       if (type === PUBLISH) {
         this.received++
         const qos = (flags >> 1) & 3
         if (qos > 0 || onMessage !== undefined) {
-          const { id, payloadAt } = publishBodyParts(body, qos)
+          const { id, payloadAt } = parts(body, qos)
           if (qos > 0) this.acks.push(ackPacket(qos === 1 ? PUBACK : PUBREC, id))
           onMessage?.(body, payloadAt)
         }
@@ -65,8 +68,8 @@ export class Subscriber {
 
 /** Connects and subscribes; with `topic` null, only resumes a persistent session (its queue flows at once). */
 export async function openSubscriber (port: number, clientId: string, topic: string | null, qos: 0 | 1 | 2,
-  options: { clean?: boolean, onMessage?: (body: Buffer, payloadAt: number) => void } = {}): Promise<Subscriber> {
-  const session = await openSession(port, clientId, options.clean ?? true)
+  options: { clean?: boolean, protocol?: Protocol, onMessage?: (body: Buffer, payloadAt: number) => void } = {}): Promise<Subscriber> {
+  const session = await openSession(port, clientId, { clean: options.clean ?? true, protocol: options.protocol ?? 4 })
   session.socket.on('error', () => {})
   if (topic !== null) await subscribe(session, topic, qos)
   return new Subscriber(session, options.onMessage)
@@ -83,15 +86,18 @@ export async function until (check: () => boolean, timeoutMs: number, what: stri
 
 /**
  * Publishes `total` QoS 1 messages of `payloadSize` bytes to `topic` over `connections`
- * connections, each keeping `window` in flight; resolves once the broker has acknowledged them
+ * connections, each keeping `window` in flight (MQTT 5: at most the broker's Receive Maximum); resolves once the broker has acknowledged them
  * all (so they are queued for every subscriber). Returns the milliseconds it took.
  */
 export async function publishAcknowledged (port: number, options: {
   topic: string, total: number, payloadSize: number, connections: number, window: number, clientIdPrefix: string, timeoutMs: number,
+  /** Default 4 (MQTT 3.1.1). */
+  protocol?: Protocol,
 }): Promise<number> {
-  const template = publishPacket(options.topic, Buffer.alloc(options.payloadSize, 0x62), 1, 1)
+  const protocol = options.protocol ?? 4
+  const template = publishPacket(options.topic, Buffer.alloc(options.payloadSize, 0x62), 1, 1, protocol)
   const idAt = messageIdOffset(template)
-  const sessions = await Promise.all(Array.from({ length: options.connections }, (_v, i) => openSession(port, `${options.clientIdPrefix}${i}`)))
+  const sessions = await Promise.all(Array.from({ length: options.connections }, (_v, i) => openSession(port, `${options.clientIdPrefix}${i}`, { protocol })))
   let sent = 0
   let acked = 0
   let failure: Error | null = null
@@ -122,7 +128,8 @@ export async function publishAcknowledged (port: number, options: {
       if (owed > 0) send(owed)
       owed = 0
     })
-    send(options.window)
+    // An MQTT 5 broker's Receive Maximum caps the window (Mosquitto's is 20).
+    send(Math.min(options.window, session.receiveMaximum))
   }
   try {
     await until(() => acked >= options.total || failure !== null, options.timeoutMs, `${options.total} messages acknowledged (got ${acked})`)

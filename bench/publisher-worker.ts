@@ -1,5 +1,5 @@
 import { parentPort, workerData } from 'node:worker_threads'
-import { PUBACK, PUBCOMP, PUBREC, PUBREL, ackPacket, messageIdOffset, openSession, publishPacket, type Session } from './wire.js'
+import { PUBACK, PUBCOMP, PUBREC, PUBREL, ackPacket, messageIdOffset, openSession, publishPacket, type Protocol, type Session } from './wire.js'
 
 /** What a publisher worker is asked to do. */
 export interface PublisherJob {
@@ -17,6 +17,8 @@ export interface PublisherJob {
   rate: number
   /** Put process.hrtime.bigint() in the first 8 payload bytes (latency runs). */
   timestamp: boolean
+  /** MQTT version of the connections (default 4, 3.1.1). */
+  protocol?: Protocol
 }
 
 export interface PublisherResult { sent: number, acked: number, errors: string[] }
@@ -32,16 +34,43 @@ class Publisher {
   private readonly idAt: number
   private readonly payloadAt: number
   private readonly batch0: Buffer
+  /** QoS 1/2: the job's window, or an MQTT 5 broker's Receive Maximum if that is lower. */
+  private readonly window: number
   stopped = false
 
-  constructor (private readonly session: Session, private readonly job: PublisherJob, topic: string) {
-    this.template = publishPacket(topic, Buffer.alloc(job.payloadSize, 0x61), job.qos, 1)
+  constructor (private readonly session: Session, private readonly job: PublisherJob, topic: string, errors: string[]) {
+    this.template = publishPacket(topic, Buffer.alloc(job.payloadSize, 0x61), job.qos, 1, session.protocol)
     this.idAt = job.qos > 0 ? messageIdOffset(this.template) : -1
     this.payloadAt = this.template.length - job.payloadSize
     this.batch0 = Buffer.concat(Array.from({ length: QOS0_BATCH }, () => this.template))
+    this.window = Math.min(job.window, session.receiveMaximum)
+    if (session.protocol === 5) {
+      this.onFrames5(errors)
+      return
+    }
     session.onFrame((type, _flags, body) => {
       const id = body.readUInt16BE(0)
       if (type === PUBACK || type === PUBCOMP) {
+        this.inflight--
+        this.acked++
+        if (this.job.rate === 0 && !this.stopped) this.fillWindow()
+      } else if (type === PUBREC) {
+        this.session.socket.write(ackPacket(PUBREL, id))
+      }
+    })
+  }
+
+  /**
+   * MQTT 5: as for 3.1.1, but a PUBACK or PUBREC may carry a reason code after the identifier. A
+   * refusal (0x80 and up) ends that message's exchange (no PUBREL after a refused PUBREC) and is
+   * reported as an error.
+   */
+  private onFrames5 (errors: string[]): void {
+    this.session.onFrame((type, _flags, body) => {
+      const id = body.readUInt16BE(0)
+      const refused = body.length > 2 && (body[2] as number) >= 0x80
+      if (refused && errors.length < 10) errors.push(`${type === PUBACK ? 'PUBACK' : type === PUBREC ? 'PUBREC' : 'PUBCOMP'} reason code 0x${(body[2] as number).toString(16)}`)
+      if (type === PUBACK || type === PUBCOMP || (type === PUBREC && refused)) {
         this.inflight--
         this.acked++
         if (this.job.rate === 0 && !this.stopped) this.fillWindow()
@@ -64,7 +93,7 @@ class Publisher {
 
   /** QoS 1/2 at full speed: keep `window` messages in flight, sent in one write. */
   fillWindow (): void {
-    const n = this.job.window - this.inflight
+    const n = this.window - this.inflight
     if (n <= 0) return
     const parts: Buffer[] = []
     for (let i = 0; i < n; i++) parts.push(this.packet())
@@ -93,7 +122,7 @@ class Publisher {
   sendSome (count: number): void {
     const parts: Buffer[] = []
     for (let i = 0; i < count; i++) {
-      if (this.job.qos > 0 && this.inflight >= this.job.window) break
+      if (this.job.qos > 0 && this.inflight >= this.window) break
       parts.push(this.packet())
       if (this.job.qos > 0) this.inflight++
     }
@@ -104,9 +133,9 @@ class Publisher {
 
 async function run (job: PublisherJob): Promise<PublisherResult> {
   const errors: string[] = []
-  const sessions = await Promise.all(Array.from({ length: job.connections }, (_v, i) => openSession(job.port, `${job.clientIdPrefix}${i}`)))
+  const sessions = await Promise.all(Array.from({ length: job.connections }, (_v, i) => openSession(job.port, `${job.clientIdPrefix}${i}`, { protocol: job.protocol ?? 4 })))
   for (const s of sessions) s.socket.on('error', (err) => errors.push(err.message))
-  const publishers = sessions.map((s, i) => new Publisher(s, job, `${job.topicPrefix}${i}`))
+  const publishers = sessions.map((s, i) => new Publisher(s, job, `${job.topicPrefix}${i}`, errors))
   parentPort?.postMessage({ type: 'ready' })
   await new Promise<void>((resolve) => parentPort?.once('message', () => resolve()))
 

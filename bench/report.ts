@@ -43,9 +43,14 @@ function rows (result: BenchResult): { scenario: string, metric: string, unit: s
   return [...seen.values()]
 }
 
+/** The clients' protocol as the report names it: `MQTT 3.1.1 clients` or `MQTT 5 clients`. */
+export function protocolLabel (result: BenchResult): string {
+  return (result.options.protocol ?? 4) === 5 ? 'MQTT 5 clients' : 'MQTT 3.1.1 clients'
+}
+
 export function machineLine (result: BenchResult): string {
   const m = result.machine
-  return `${m.cpu}, ${m.cores} cores, ${m.memoryGiB} GiB, ${m.os}, Node ${m.node}, Mosquitto ${m.mosquitto}, FerryMQ ${m.ferrymq}`
+  return `${m.cpu}, ${m.cores} cores, ${m.memoryGiB} GiB, ${m.os}, Node ${m.node}, Mosquitto ${m.mosquitto}, FerryMQ ${m.ferrymq}, ${protocolLabel(result)}`
 }
 
 /** The results as a markdown table: median (min–max) per broker, the ratio and CPU seconds. */
@@ -53,7 +58,7 @@ export function markdown (result: BenchResult): string {
   const brokers = [...new Set(result.results.map((r) => r.broker))]
   const head = ['scenario', 'metric', ...brokers, `${SUBJECT} / ${BASELINE}`, `CPU s (${brokers.join(' / ')})`]
   const lines = [
-    `FerryMQ vs Mosquitto — ${result.mode} run, ${result.date.slice(0, 10)}, median of ${result.options.reps} (min–max); ` +
+    `FerryMQ vs Mosquitto — ${result.mode} run with ${protocolLabel(result)}, ${result.date.slice(0, 10)}, median of ${result.options.reps} (min–max); ` +
       `ratio > 1 is FerryMQ ahead for ↑ metrics, behind for ↓ ones.`,
     '',
     `Machine: ${machineLine(result)}.${result.load === undefined ? '' : ` Load average (1 min) ${result.load.start.toFixed(1)} at the start, ${result.load.end.toFixed(1)} at the end.`}`,

@@ -4,6 +4,7 @@ import { fileURLToPath } from 'node:url'
 import { VERSION } from '../src/version.js'
 import { isPersistent, mosquittoVersion, startPeer, type Peer, type PeerName } from './peers.js'
 import { SCENARIOS, type Metric, type Scenario } from './scenarios.js'
+import type { Protocol } from './wire.js'
 
 export interface BenchOptions {
   scenarios: readonly string[]
@@ -13,6 +14,8 @@ export interface BenchOptions {
   durationMs: number
   /** Also run the publish-side scenarios against the discard sink. */
   ceiling: boolean
+  /** MQTT version of every client the load generator opens: 4 (3.1.1, the default) or 5. */
+  protocol?: Protocol
   profileDir?: string
   progress? (line: string): void
 }
@@ -37,7 +40,8 @@ export interface Machine { cpu: string, cores: number, memoryGiB: number, node: 
 export interface BenchResult {
   date: string
   mode: 'quick' | 'full'
-  options: { reps: number, durationMs: number, brokers: readonly string[] }
+  /** `protocol`: the clients' MQTT version (absent in results from before the option: 4). */
+  options: { reps: number, durationMs: number, brokers: readonly string[], protocol?: Protocol }
   machine: Machine
   /**
    * The 1-minute load average when the run started and ended: other work on the machine shows up
@@ -108,7 +112,7 @@ export async function runBench (options: BenchOptions): Promise<BenchResult> {
   for (const { scenario, broker, rep } of plan) {
     step++
     const label = `[${step}/${plan.length}] ${scenario.name} · ${broker} · run ${rep + 1}/${options.reps}`
-    const scenarioOptions = { quick: options.quick, durationMs: options.durationMs }
+    const scenarioOptions = { quick: options.quick, durationMs: options.durationMs, protocol: options.protocol ?? 4 }
     const around = await scenario.prepare?.(broker, scenarioOptions)
     let peer: Peer
     try {
@@ -151,7 +155,7 @@ export async function runBench (options: BenchOptions): Promise<BenchResult> {
   return {
     date: new Date().toISOString(),
     mode: options.quick ? 'quick' : 'full',
-    options: { reps: options.reps, durationMs: options.durationMs, brokers: options.brokers },
+    options: { reps: options.reps, durationMs: options.durationMs, brokers: options.brokers, protocol: options.protocol ?? 4 },
     machine: machine(),
     load: { start: loadAtStart, end: loadavg()[0] as number },
     scenarios: scenarios.map((s) => ({ name: s.name, description: s.description })),

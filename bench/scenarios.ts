@@ -1,5 +1,5 @@
 import hdr from 'hdr-histogram-js'
-import { PUBACK, messageIdOffset, openSession, publishPacket, type Session } from './wire.js'
+import { PUBACK, messageIdOffset, openSession, publishPacket, type Protocol, type Session } from './wire.js'
 import { BRIDGE_SCENARIOS } from './bridge.js'
 import { openSubscriber, publishAcknowledged, startPublishers, until, type Subscriber } from './load.js'
 import type { Peer, PeerName, StartOptions } from './peers.js'
@@ -18,6 +18,8 @@ export interface ScenarioOptions {
   quick: boolean
   /** Measured window of a throughput run. */
   durationMs: number
+  /** MQTT version every client of the bench speaks: 4 (3.1.1) or 5. */
+  protocol: Protocol
 }
 
 export interface Scenario {
@@ -51,11 +53,11 @@ function fanIn (qos: 0 | 1 | 2): Scenario {
     name: `fanin-q${qos}`,
     description: `10 publishers → 1 subscriber on a wildcard, QoS ${qos}, ${PAYLOAD} B${qos > 0 ? ', 100 in flight per publisher' : ''}`,
     againstSink: true,
-    async run (peer, { durationMs }) {
-      const sub = peer.received === undefined ? await openSubscriber(peer.port, 'bench-sub', 'bench/fanin/#', qos) : null
+    async run (peer, { durationMs, protocol }) {
+      const sub = peer.received === undefined ? await openSubscriber(peer.port, 'bench-sub', 'bench/fanin/#', qos, { protocol }) : null
       const pubs = await startPublishers({
         port: peer.port, connections: 10, clientIdPrefix: 'bench-pub-', topicPrefix: 'bench/fanin/', qos,
-        payloadSize: PAYLOAD, window: 100, durationMs, rate: 0, timestamp: false,
+        payloadSize: PAYLOAD, window: 100, durationMs, rate: 0, timestamp: false, protocol,
       })
       const before = sub?.received ?? await (peer.received as () => Promise<number>)()
       const start = performance.now()
@@ -73,12 +75,12 @@ const fanOut: Scenario = {
   name: 'fanout-q0',
   description: '1 publisher → 50 subscribers, QoS 0, 64 B; deliveries per second',
   againstSink: false,
-  async run (peer, { durationMs }) {
+  async run (peer, { durationMs, protocol }) {
     const subs: Subscriber[] = []
-    for (let i = 0; i < 50; i++) subs.push(await openSubscriber(peer.port, `bench-fan-${i}`, 'bench/fanout/0', 0))
+    for (let i = 0; i < 50; i++) subs.push(await openSubscriber(peer.port, `bench-fan-${i}`, 'bench/fanout/0', 0, { protocol }))
     const pubs = await startPublishers({
       port: peer.port, connections: 1, clientIdPrefix: 'bench-fanpub-', topicPrefix: 'bench/fanout/', qos: 0,
-      payloadSize: PAYLOAD, window: 0, durationMs, rate: 0, timestamp: false,
+      payloadSize: PAYLOAD, window: 0, durationMs, rate: 0, timestamp: false, protocol,
     })
     const count = (): number => subs.reduce((n, s) => n + s.received, 0)
     const before = count()
@@ -95,17 +97,18 @@ const latency: Scenario = {
   name: 'latency-q1',
   description: 'end-to-end latency at 5,000 msg/s, QoS 1, 64 B, 1 publisher → 1 subscriber',
   againstSink: false,
-  async run (peer, { durationMs }) {
+  async run (peer, { durationMs, protocol }) {
     const histogram = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: 3 })
     let recording = false
     const sub = await openSubscriber(peer.port, 'bench-lat-sub', 'bench/lat/0', 1, {
+      protocol,
       onMessage: (body, at) => {
         if (recording) histogram.recordValue(Number((process.hrtime.bigint() - body.readBigUInt64BE(at)) / 1000n))
       },
     })
     const pubs = await startPublishers({
       port: peer.port, connections: 1, clientIdPrefix: 'bench-lat-pub-', topicPrefix: 'bench/lat/', qos: 1,
-      payloadSize: PAYLOAD, window: 1000, durationMs: durationMs + 500, rate: 5000, timestamp: true,
+      payloadSize: PAYLOAD, window: 1000, durationMs: durationMs + 500, rate: 5000, timestamp: true, protocol,
     })
     const done = pubs.go()
     // The first half second warms connections and JIT up; it is not recorded.
@@ -125,7 +128,7 @@ const connections: Scenario = {
   name: 'connections',
   description: 'idle clients (10,000; quick: 2,000) connected 200 at a time: connect rate and broker RSS per connection',
   againstSink: false,
-  async run (peer, { quick }) {
+  async run (peer, { quick, protocol }) {
     const total = quick ? 2000 : 10_000
     const baseline = peer.rssBytes()
     const sessions: Session[] = []
@@ -134,7 +137,7 @@ const connections: Scenario = {
     await Promise.all(Array.from({ length: 200 }, async () => {
       while (next < total) {
         const i = next++
-        const s = await openSession(peer.port, `bench-idle-${i}`)
+        const s = await openSession(peer.port, `bench-idle-${i}`, { protocol })
         s.socket.on('error', () => {})
         sessions.push(s)
       }
@@ -155,17 +158,17 @@ const backlog: Scenario = {
   name: 'backlog',
   description: 'QoS 1 messages (100,000; quick: 20,000) queued for an offline persistent session, drained on reconnect',
   againstSink: false,
-  async run (peer, { quick }) {
+  async run (peer, { quick, protocol }) {
     const total = quick ? 20_000 : 100_000
-    const first = await openSubscriber(peer.port, 'bench-backlog', 'bench/backlog', 1, { clean: false })
+    const first = await openSubscriber(peer.port, 'bench-backlog', 'bench/backlog', 1, { clean: false, protocol })
     // A clean DISCONNECT, so the broker has the session offline before the first message.
     const closed = new Promise((resolve) => first.session.socket.once('close', resolve))
     first.session.socket.end(Buffer.from([0xe0, 0x00]))
     await closed
     // Publish the backlog: one publisher, 100 in flight, until every message is acknowledged.
     let acked = 0
-    const pub = await openSession(peer.port, 'bench-backlog-pub')
-    const template = publishPacket('bench/backlog', Buffer.alloc(PAYLOAD, 0x62), 1, 1)
+    const pub = await openSession(peer.port, 'bench-backlog-pub', { protocol })
+    const template = publishPacket('bench/backlog', Buffer.alloc(PAYLOAD, 0x62), 1, 1, protocol)
     const idAt = messageIdOffset(template)
     let sent = 0
     const send = (n: number): void => {
@@ -183,12 +186,13 @@ const backlog: Scenario = {
         send(1)
       }
     })
-    send(100)
+    // 100 in flight, or an MQTT 5 broker's Receive Maximum if lower (Mosquitto's is 20).
+    send(Math.min(100, pub.receiveMaximum))
     await until(() => acked >= total, quick ? 60_000 : 180_000, `backlog of ${total} acknowledged`)
     pub.socket.destroy()
 
     const start = performance.now()
-    const again = await openSubscriber(peer.port, 'bench-backlog', null, 1, { clean: false })
+    const again = await openSubscriber(peer.port, 'bench-backlog', null, 1, { clean: false, protocol })
     await until(() => again.received >= total, quick ? 60_000 : 180_000, `backlog of ${total} drained (got ${again.received})`)
     const elapsed = performance.now() - start
     again.close()
@@ -203,14 +207,14 @@ const payloadSweep: Scenario = {
   name: 'payload',
   description: '1 publisher → 1 subscriber, QoS 0, payloads 16 B to 64 KiB: delivered MiB/s',
   againstSink: false,
-  async run (peer, { quick, durationMs }) {
+  async run (peer, { quick, durationMs, protocol }) {
     const sizes = quick ? [16, 1024, 65536] : [16, 256, 1024, 4096, 16384, 65536]
     const metrics: Metric[] = []
     for (const size of sizes) {
-      const sub = await openSubscriber(peer.port, `bench-pay-sub-${size}`, `bench/pay/${size}/0`, 0)
+      const sub = await openSubscriber(peer.port, `bench-pay-sub-${size}`, `bench/pay/${size}/0`, 0, { protocol })
       const pubs = await startPublishers({
         port: peer.port, connections: 1, clientIdPrefix: `bench-pay-pub-${size}-`, topicPrefix: `bench/pay/${size}/`, qos: 0,
-        payloadSize: size, window: 0, durationMs: Math.max(500, Math.round(durationMs / 2)), rate: 0, timestamp: false,
+        payloadSize: size, window: 0, durationMs: Math.max(500, Math.round(durationMs / 2)), rate: 0, timestamp: false, protocol,
       })
       const before = sub.received
       const start = performance.now()
@@ -225,11 +229,11 @@ const payloadSweep: Scenario = {
 }
 
 /** Resolves with the CONNACK'd session once the broker accepts a client, retrying refused connections every 5 ms. */
-async function acceptedSession (peer: Peer, clientId: string, timeoutMs: number): Promise<Session> {
+async function acceptedSession (peer: Peer, clientId: string, timeoutMs: number, protocol: Protocol): Promise<Session> {
   const deadline = performance.now() + timeoutMs
   for (;;) {
     try {
-      return await openSession(peer.port, clientId, true, timeoutMs)
+      return await openSession(peer.port, clientId, { clean: true, timeoutMs, protocol })
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ECONNREFUSED' && (err as NodeJS.ErrnoException).code !== 'ECONNRESET') throw err
     }
@@ -251,26 +255,26 @@ const startup: Scenario = {
     'persistent session, reconnecting then, gets its first queued message; RSS and data on disk after start-up',
   againstSink: false,
   persistentOnly: true,
-  async run (peer, { quick }) {
+  async run (peer, { quick, protocol }) {
     if (peer.restart === undefined) throw new Error(`${peer.name} cannot restart`)
     const total = quick ? 100_000 : 1_000_000
     const clientId = 'bench-startup'
     const topic = 'bench/startup'
-    const first = await openSubscriber(peer.port, clientId, topic, 1, { clean: false })
+    const first = await openSubscriber(peer.port, clientId, topic, 1, { clean: false, protocol })
     const closed = new Promise((resolve) => first.session.socket.once('close', resolve))
     first.session.socket.end(Buffer.from([0xe0, 0x00]))
     await closed
     await publishAcknowledged(peer.port, {
-      topic, total, payloadSize: PAYLOAD, connections: 10, window: 100, clientIdPrefix: 'bench-startup-pub-', timeoutMs: 900_000,
+      topic, total, payloadSize: PAYLOAD, connections: 10, window: 100, clientIdPrefix: 'bench-startup-pub-', timeoutMs: 900_000, protocol,
     })
 
     const spawnedAt = await peer.restart()
-    const probe = await acceptedSession(peer, 'bench-startup-probe', 120_000)
+    const probe = await acceptedSession(peer, 'bench-startup-probe', 120_000, protocol)
     const accepted = performance.now() - spawnedAt
     probe.socket.destroy()
     const rss = peer.rssBytes()
     const disk = peer.diskBytes()
-    const resumed = await openSubscriber(peer.port, clientId, null, 1, { clean: false })
+    const resumed = await openSubscriber(peer.port, clientId, null, 1, { clean: false, protocol })
     await until(() => resumed.received > 0, 120_000, 'first queued message after the restart')
     const firstMessage = performance.now() - spawnedAt
     resumed.close()
