@@ -25,6 +25,7 @@ import { Bridge, checkBridges, type LocalMessage } from '../bridge/bridge.js'
 import { clientIdProblem, topicFilterProblem, topicMatches, topicNameProblem } from './validate.js'
 import { installReceiveMaximum } from './flow-control.js'
 import { SessionKeeper } from './sessions.js'
+import { installExactDedupe } from './dedupe.js'
 import { guardPersistence, RECEIVE_MAXIMUM_EXCEEDED, type GuardedPersistence, type InboundQos2Counts } from './guards.js'
 
 /** A running FerryMQ: listeners, the aedes core and its observability, with one owner for all. */
@@ -398,9 +399,9 @@ class FerryBroker implements Broker {
    * The replaced filter is then refused in authorizeSubscribe.
    */
   private guardClient (client: Client): void {
-    const raw = client as unknown as { subscriptions: object, duplicates: object, _parser: NodeJS.EventEmitter }
+    const raw = client as unknown as { subscriptions: object, _parser: NodeJS.EventEmitter }
     raw.subscriptions = Object.create(null) as object
-    raw.duplicates = Object.create(null) as object
+    installExactDedupe(client)
     raw._parser.prependListener('packet', (packet: { cmd: string, subscriptions?: Array<{ topic: string }> }) => {
       if (packet.cmd !== 'subscribe' || packet.subscriptions === undefined || packet.subscriptions.length < 2) return
       for (const sub of packet.subscriptions) if (sub.topic === '__proto__') sub.topic = PROTO_FILTER

@@ -92,8 +92,6 @@ interface AedesClient extends EventEmitter {
   connected: boolean
   receiveMaximum?: number
   conn: Duplex
-  /** Per broker id, the highest broker counter delivered (aedes' per-client dedupe). */
-  duplicates: Record<string, number | undefined>
   deliverQoS: Deliver
   _parser: EventEmitter
   broker: { persistence: OutgoingPersistence }
@@ -180,10 +178,10 @@ class Flow {
       setImmediate(cb)
       return
     }
-    // aedes' own checks, in its order (lib/client.js getToForwardPacket): No Local drops the
-    // message; the per-client dedupe drops a second copy (overlapping subscriptions). Those and QoS
-    // 0 go straight on to aedes, which drops, or sends, them as before.
-    if (this.closed || packet.qos === 0 || (packet.nl === true && packet.clientId === this.client.id) || !this.firstCopy(packet)) {
+    // No Local drops the message (aedes' check): it and QoS 0 go straight on to aedes, which drops,
+    // or sends, them as before. A second copy of a message (overlapping subscriptions) is held like
+    // any other and dropped when it is let through (dedupe.ts, which runs inside this wrapper).
+    if (this.closed || packet.qos === 0 || (packet.nl === true && packet.clientId === this.client.id)) {
       this.deliver(packet, cb)
       return
     }
@@ -202,23 +200,7 @@ class Flow {
     setImmediate(cb)
   }
 
-  /**
-   * aedes' per-client dedupe (lib/client.js dedupe), decided on arrival. aedes decides it when a
-   * message is sent, by comparing broker counters, so once a held message is overtaken (a QoS 0
-   * message, or another subscription's) aedes would take it for a copy and drop it.
-   */
-  private firstCopy (packet: DeliveryPacket): boolean {
-    const id = packet.brokerId
-    if (id === undefined || id === null || id === '') return true
-    const counter = packet.brokerCounter ?? 0
-    if ((this.client.duplicates[id] ?? 0) < counter) {
-      this.client.duplicates[id] = counter
-      return true
-    }
-    return false
-  }
-
-  /** Hands a delivery found new by firstCopy to aedes; `cb` is called once aedes is done with it. */
+  /** Hands a delivery to aedes; `cb` is called once aedes is done with it. */
   private dispatch (packet: DeliveryPacket, cb: Callback): void {
     this.unsettled++
     let settled = false
@@ -230,20 +212,7 @@ class Flow {
       this.pump()
     }
     ownCallbacks.add(settle)
-    const id = packet.brokerId
-    if (id === undefined || id === null || id === '') {
-      this.deliver(packet, settle)
-      return
-    }
-    // aedes runs its dedupe synchronously in deliverQoS: let this message pass it, then restore.
-    const duplicates = this.client.duplicates
-    const highest = duplicates[id] ?? 0
-    duplicates[id] = (packet.brokerCounter ?? 0) - 1
-    try {
-      this.deliver(packet, settle)
-    } finally {
-      duplicates[id] = Math.max(highest, duplicates[id] ?? 0)
-    }
+    this.deliver(packet, settle)
   }
 
   private acknowledged (): void {
