@@ -23,15 +23,16 @@ describe.each([4, 5] as const)('MQTT version %i', (protocolVersion) => {
   it('publishers mixing QoS 0 and QoS 1: every acknowledged QoS 1 message reaches a persistent subscriber (durability os)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'ferrymq-dedupe-'))
     dirs.push(dir)
-    b = await startBroker({ storage: { durability: 'os', dir } })
+    const broker = await startBroker({ storage: { durability: 'os', dir } })
+    b = broker
     const session = protocolVersion === 5 ? { protocolVersion, properties: { sessionExpiryInterval: 600 } } : {}
-    const sub = await connect(b.mqttUrl, { clientId: `dd-sub-${protocolVersion}`, clean: false, ...session })
+    const sub = await connect(broker.mqttUrl, { clientId: `dd-sub-${protocolVersion}`, clean: false, ...session })
     const got = new Set<string>()
     sub.on('message', (_topic, payload) => got.add(payload.toString()))
     await sub.subscribeAsync('dd/#', { qos: 1 })
     const acked: string[] = []
     await Promise.all([0, 1, 2, 3].map(async (p) => {
-      const pub = await connect(b!.mqttUrl, { clientId: `dd-pub-${protocolVersion}-${p}`, clean: false, protocolVersion })
+      const pub = await connect(broker.mqttUrl, { clientId: `dd-pub-${protocolVersion}-${p}`, clean: false, protocolVersion })
       const pending: Array<Promise<void>> = []
       for (let i = 0; i < 400; i++) {
         const qos = i % 5 === 0 ? 0 : 1
