@@ -126,8 +126,9 @@ export class Fleet {
         id,
         url: options.url,
         protocol: options.protocol,
-        ...(options.username === undefined ? {} : { username: options.username }),
-        ...(options.password === undefined ? {} : { password: options.password }),
+        // Per-device credentials: "{id}" in either stands for the device id.
+        ...(options.username === undefined ? {} : { username: options.username.replaceAll('{id}', id) }),
+        ...(options.password === undefined ? {} : { password: options.password.replaceAll('{id}', id) }),
         profile,
         runId: this.runId,
         intervalMs: profile === 'chatty' ? baseInterval / options.chattyFactor : baseInterval,

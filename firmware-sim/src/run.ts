@@ -59,7 +59,7 @@ export async function runSimulation (o: SimulationOptions): Promise<Summary> {
     if (out !== undefined) progressTimer = setInterval(() => { printProgress() }, 1000)
     const actuators = fleet.devices.filter((d) => d.profile === 'actuator')
     if ((o.commandsPerSecond ?? 0) > 0 && actuators.length > 0) {
-      commander = new Commander({ url: o.url, protocol: o.protocol, ...(o.username === undefined ? {} : { username: o.username }), ...(o.password === undefined ? {} : { password: o.password }), ...(o.tls === undefined ? {} : { tls: o.tls }) })
+      commander = new Commander({ url: o.url, protocol: o.protocol, ...(o.username === undefined ? {} : { username: o.username.replaceAll('{id}', 'verifier') }), ...(o.password === undefined ? {} : { password: o.password.replaceAll('{id}', 'verifier') }), ...(o.tls === undefined ? {} : { tls: o.tls }) })
       await commander.start()
       const c = commander
       commandTimer = setInterval(() => {
