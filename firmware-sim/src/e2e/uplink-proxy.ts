@@ -12,9 +12,9 @@ export type CutMode = 'reset' | 'blackhole'
 interface Pair { client: Socket, upstream: Socket }
 
 /**
- * A TCP proxy on 127.0.0.1 between FerryMQ's bridge and the cloud broker that can cut the link
- * and restore it. (The project's tests have their own in test/helpers/fault-proxy.ts; the
- * simulator does not import from test/.)
+ * A TCP proxy on 127.0.0.1 that can cut the link and restore it: between FerryMQ's bridge and
+ * the cloud broker in the simulator's end-to-end run, and in the project's partition tests
+ * (test/helpers/fault-proxy.ts re-exports it). Real sockets, real timeouts.
  */
 export class UplinkProxy {
   readonly #server: Server
@@ -23,6 +23,7 @@ export class UplinkProxy {
   /** Connections accepted while black-holed: held open, never forwarded, closed on restore. */
   readonly #held = new Set<Socket>()
   #cut: CutMode | null = null
+  #delayMs = 0
   /** Connections accepted (all modes), and bytes forwarded each way. */
   accepted = 0
   bytesUp = 0
@@ -62,7 +63,12 @@ export class UplinkProxy {
     return this.#cut
   }
 
-  cut (mode: CutMode): void {
+  get isCut (): boolean {
+    return this.#cut !== null
+  }
+
+  /** Cuts the link (see CutMode). */
+  cut (mode: CutMode = 'reset'): void {
     this.#cut = mode
     for (const pair of [...this.#pairs]) {
       if (mode === 'reset') {
@@ -87,6 +93,11 @@ export class UplinkProxy {
     }
     for (const socket of this.#held) socket.destroy()
     this.#held.clear()
+  }
+
+  /** Adds `ms` of latency to every chunk in both directions (0 removes it). */
+  delay (ms: number): void {
+    this.#delayMs = ms
   }
 
   /** Closes every connection and the listener. */
@@ -123,16 +134,33 @@ export class UplinkProxy {
     this.#pipe(upstream, client, (n) => { this.bytesDown += n })
   }
 
-  /** Forwards `from` → `to`, pausing `from` while `to` is full (resumed on drain unless the link is cut meanwhile). */
+  /**
+   * Forwards `from` → `to` in order, each chunk `delay` ms after it arrived, pausing `from` while
+   * `to` is full (resumed on drain unless the link is cut meanwhile).
+   */
   #pipe (from: Socket, to: Socket, count: (n: number) => void): void {
+    let chain = Promise.resolve()
     from.on('data', (chunk: Buffer) => {
-      if (to.destroyed) return
-      count(chunk.length)
-      if (!to.write(chunk)) {
-        from.pause()
-        to.once('drain', () => { if (this.#cut === null) from.resume() })
+      if (this.#delayMs === 0) {
+        this.#write(to, from, chunk, count)
+        return
       }
+      const due = performance.now() + this.#delayMs
+      chain = chain.then(async () => {
+        const wait = due - performance.now()
+        if (wait > 0) await new Promise<void>((resolve) => setTimeout(resolve, wait))
+        this.#write(to, from, chunk, count)
+      })
     })
+  }
+
+  #write (to: Socket, from: Socket, chunk: Buffer, count: (n: number) => void): void {
+    if (to.destroyed) return
+    count(chunk.length)
+    if (!to.write(chunk) && !from.isPaused()) {
+      from.pause()
+      to.once('drain', () => { if (this.#cut === null) from.resume() })
+    }
   }
 
   #destroy (pair: Pair): void {
