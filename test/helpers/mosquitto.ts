@@ -1,8 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { accessSync, constants, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { connect as netConnect, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
-import { delimiter, join } from 'node:path'
+import { join } from 'node:path'
+// The mosquitto executable: $MOSQUITTO_BIN, else on $PATH, else /usr/sbin or /usr/local/sbin.
+import { findMosquitto } from '../../firmware-sim/src/e2e/cloud.js'
 
 /**
  * A real Mosquitto broker as a child process, for integration tests (the upstream of FerryMQ's bridge).
@@ -57,31 +59,9 @@ const START_ATTEMPTS = 5
 const EXIT_TIMEOUT_MS = 10_000
 const POLL_INTERVAL_MS = 25
 
-let binary: string | null | undefined
-
-/** The mosquitto executable: $MOSQUITTO_BIN, else on $PATH, else /usr/sbin or /usr/local/sbin; null when absent. */
-function findBinary (): string | null {
-  if (binary !== undefined) return binary
-  const candidates = [
-    ...(process.env.MOSQUITTO_BIN !== undefined ? [process.env.MOSQUITTO_BIN] : []),
-    ...(process.env.PATH ?? '').split(delimiter).filter((d) => d !== '').map((d) => join(d, 'mosquitto')),
-    '/usr/sbin/mosquitto',
-    '/usr/local/sbin/mosquitto',
-  ]
-  binary = candidates.find((path) => {
-    try {
-      accessSync(path, constants.X_OK)
-      return true
-    } catch {
-      return false
-    }
-  }) ?? null
-  return binary
-}
-
 /** True when the mosquitto binary is available (tests use describe.skipIf(!hasMosquitto()) with a reason). */
 export function hasMosquitto (): boolean {
-  return findBinary() !== null
+  return findMosquitto() !== null
 }
 
 /** A port that was free on 127.0.0.1 a moment ago. */
@@ -157,7 +137,7 @@ class StartError extends Error {
 
 /** Starts Mosquitto with a generated config in a fresh temp dir; resolves when it accepts connections. */
 export async function startMosquitto (options: MosquittoOptions = {}): Promise<Mosquitto> {
-  const bin = findBinary()
+  const bin = findMosquitto()
   if (bin === null) throw new Error('mosquitto binary not found (set MOSQUITTO_BIN or install mosquitto)')
   const readyTimeoutMs = options.readyTimeoutMs ?? 10_000
   const dir = mkdtempSync(join(tmpdir(), 'ferrymq-mosquitto-'))
