@@ -5,6 +5,7 @@ import { Cloud, hasMosquitto, type CloudOptions } from './cloud.js'
 import { EdgeProcess, ensureBuilt, REPO_ROOT } from './edge.js'
 import { UplinkProxy, type CutMode } from './uplink-proxy.js'
 import { freePort, logLine, pollUntil, PollAbort } from './util.js'
+import type { BridgeStatus } from '../../../src/bridge/bridge.js'
 
 /*
  * The end-to-end topology of issue 7 (point 6): devices → FerryMQ (a child process, fsync store)
@@ -67,19 +68,8 @@ export interface TopologyOptions {
   quiet?: boolean
 }
 
-/** One bridge's entry of GET /api/v1/bridges (see README "Bridges"). */
-export interface BridgeStatus {
-  name: string
-  connected: boolean
-  url: string | null
-  protocolVersion: 4 | 5
-  outbox: { messages: number, bytes: number, oldestAgeSeconds: number }
-  inflight: number
-  forwarded: { out: number, in: number }
-  dropped: Record<string, number>
-  expired: number
-  reconnects: number
-}
+/** One bridge's entry of GET /api/v1/bridges (see README "Bridges"): FerryMQ's own type. */
+export type { BridgeStatus }
 
 export interface Topology {
   /** mqtt://127.0.0.1:PORT — FerryMQ's MQTT listener, for devices; the same port after restartEdge(). */
