@@ -82,6 +82,17 @@ export class Commander {
     })
   }
 
+  /** Commands sent and neither answered nor timed out yet. */
+  get pending (): number {
+    return this.waiting.size
+  }
+
+  /** Resolves once every command sent has been answered or has timed out, or after `ms`. */
+  async settle (ms: number): Promise<void> {
+    const deadline = Date.now() + ms
+    while (this.waiting.size > 0 && Date.now() < deadline) await new Promise<void>((resolve) => setTimeout(resolve, 50))
+  }
+
   async stop (): Promise<void> {
     for (const w of this.waiting.values()) { clearTimeout(w.timer); w.reject(new Error('commander stopped')) }
     this.waiting.clear()

@@ -73,6 +73,8 @@ export async function runSimulation (o: SimulationOptions): Promise<Summary> {
     if (commandTimer !== undefined) clearInterval(commandTimer)
     const drained = await fleet.drain(o.graceMs)
     const settled = verifier === undefined ? true : await verifier.settle(o.graceMs)
+    // Commands sent just before production ended still get their answers (or time out).
+    await commander?.settle(o.graceMs)
     if (progressTimer !== undefined) clearInterval(progressTimer)
     printProgress(true)
     const durationS = (producedEnd - fleet.startedAt) / 1000
